@@ -21,7 +21,8 @@ CLM_DIR = Path(__file__).resolve().parent
 # The benchmark evaluates every 24 * 1024 * 2048 tokens.
 EVAL_EVERY_TOKENS = 24576 * 2048
 
-BACKENDS = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "cpu", "cuda", "xla")
+XLA_RECOMPILE = ("warn", "error", "ignore")
 OPTIMIZERS = ("ADAMW_TORCH", "ADAMW_TORCH_XLA")
 SCHEDULERS = ("WarmupHoldPolicy", "CosineAnnealing")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -75,6 +76,10 @@ def validate(cfg: DictConfig) -> None:
         cfg.dataset.dataset_name in DATASETS,
         f"dataset.dataset_name={cfg.dataset.dataset_name}: must be one of {', '.join(DATASETS)} "
         "(C4-format json shards; no hub datasets)",
+    )
+    _check(
+        cfg.get("xla_recompile", "warn") in XLA_RECOMPILE,
+        f"xla_recompile={cfg.get('xla_recompile')}: must be one of {', '.join(XLA_RECOMPILE)}",
     )
     for key in (
         "per_device_train_batch_size",

@@ -39,7 +39,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: DictConfig, device: torch.device):
-    """AdamW for ADAMW_TORCH and, off XLA, ADAMW_TORCH_XLA (same update rule)."""
+    """torch.optim.AdamW for both ADAMW_TORCH and ADAMW_TORCH_XLA, on XLA too.
+
+    torch_xla's syncfree AdamW applies the same update; it only matters with AMP's inf checks.
+    """
     return torch.optim.AdamW(
         param_groups(model, float(cfg.weight_decay)),
         lr=float(cfg.lr),

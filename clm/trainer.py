@@ -9,6 +9,10 @@ The loop: accumulate `gradient_accumulation_steps` micro-batches into one optimi
 normalizing by the token count of the whole global batch so the step's loss is the exact
 token-mean; clip; step; schedule; evaluate every `eval_frequency` steps; stop at
 `target_eval_loss` or `max_steps`.
+
+Batches: this process loads `per_device_*_batch_size x backend.local_data_parallel_size` rows
+per micro-batch (one device's rows with one process per device; the whole global batch under
+XLA SPMD, where one process drives every device and the backend shards the rows).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +147,8 @@ class Trainer:
         _, active = model_lib.count_parameters(model)
         self.flops_per_token = training_flops_per_token(model, active, cfg.max_length)
         self.peak_tflops = peak_tflops(backend.device_description(), cfg.peak_tflops_per_device)
+        self.local_rows = backend.local_data_parallel_size  # devices whose rows we load
+        self.evals_done = 0  # in this process: the first eval compiles, later ones must not
 
     # ---- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -150,10 +157,11 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.backend.device)
         count = torch.zeros((), dtype=torch.int64, device=self.backend.device)
-        for batch in self.eval_set.batches(self.cfg.per_device_eval_batch_size):
+        for batch in self.eval_set.batches(self.cfg.per_device_eval_batch_size * self.local_rows):
             nll, n, _ = model_lib.forward(self.model, self.backend.to_device(batch), False)
             total += nll.double()
             count += n
+            self.backend.step_boundary()  # XLA: one graph per eval batch, compiled once
         total = self.backend.all_reduce_sum(total)
         count = self.backend.all_reduce_sum(count)
         self.model.train()
@@ -162,7 +170,7 @@ class Trainer:
     # ---- one optimizer step ---------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         cfg = self.cfg
-        micro = cfg.per_device_train_batch_size
+        micro = cfg.per_device_train_batch_size * self.local_rows
         accum = cfg.gradient_accumulation_steps
         # the step's loss is sum(NLL) / (target tokens in the whole global batch)
         targets = (batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()
@@ -184,6 +192,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # XLA: cut the traced graph after the optimizer update, so each step is one program
+        self.backend.step_boundary()
         # the one host<->device sync of the step: read the scalars we log
         values = {
             "train/loss": float(self.backend.all_reduce_sum(nll_total) / targets),
@@ -209,7 +219,7 @@ class Trainer:
         resumed_at = self.step
         target = float(cfg.target_eval_loss)
         status = "max_steps reached"
-        rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        rows = cfg.per_device_train_batch_size * self.local_rows * cfg.gradient_accumulation_steps
         # a resumed run skips the blocks the checkpointed steps consumed: no block twice
         batches = self.train_stream.batches(rows, skip_blocks=self.step * rows)
         bar = tqdm(
@@ -227,7 +237,10 @@ class Trainer:
 
         def run_eval() -> bool:
             self.mlperf.eval_start(samples())
+            compiles = self.backend.compile_count()
             loss = self.evaluate()
+            self._watch_compiles(f"the eval at step {self.step}", self.evals_done >= 1, compiles)
+            self.evals_done += 1
             self.mlperf.eval_stop(samples())
             self.mlperf.eval_accuracy(loss, samples())
             self.eval_losses.append((self.step, loss))
@@ -250,11 +263,18 @@ class Trainer:
                 self.mlperf.block_start(samples())
             while not reached and self.step < cfg.max_steps:
                 batch = next(batches)
+                compiles = self.backend.compile_count()
                 t0 = time.perf_counter()
                 values = self.train_step(batch)
                 self.backend.sync()
                 dt = time.perf_counter() - t0
                 self.step += 1
+                # warm-up: the first 3 steps of this process may compile (AdamW state appears)
+                compiles = self._watch_compiles(
+                    f"step {self.step}", self.step - resumed_at > 3, compiles
+                )
+                if compiles is not None:
+                    values["perf/compiles"] = compiles
                 self.tokens_seen += self.tokens_per_step
                 self.train_seconds += dt
                 window_tokens += self.tokens_per_step
@@ -346,6 +366,26 @@ class Trainer:
             is_main=self.backend.is_main,
         )
 
+    def _watch_compiles(self, what: str, warm: bool, before: int | None) -> int | None:
+        """The compile count now; after warm-up a new compile warns or stops the run.
+
+        A recompile means a shape or a traced Python value changed between steps, which on a
+        TPU pod costs minutes each time; `xla_recompile` says what to do about it.
+        """
+        now = self.backend.compile_count()
+        if now is None or before is None or not warm or now == before:
+            return now
+        message = (
+            f"XLA compiled {now - before} new program(s) during {what}, after warm-up: a "
+            "tensor shape or a traced Python value changed (xla_recompile=warn|error|ignore)"
+        )
+        policy = self.cfg.get("xla_recompile", "warn")
+        if policy == "error":
+            raise TrainingError(message)
+        if policy == "warn" and self.backend.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        return now
+
     def _perf(self, tokens: int, seconds: float) -> dict[str, float]:
         tokens_per_sec = tokens / max(seconds, 1e-9)
         per_device = tokens_per_sec / self.backend.world_size
@@ -420,7 +460,7 @@ def run(cfg: DictConfig) -> Summary:
             "(set model.config_path=null to load its weights)",
             flush=True,
         )
-    model = model_lib.build_model(cfg.model, backend.device, cfg.seed)
+    model = model_lib.build_model(cfg.model, backend.init_device, cfg.seed)
     _check_vocab(cfg, model, tokenizer)
     model = backend.wrap_model(model)
     optimizer = optim.build_optimizer(model, cfg, backend.device)

@@ -1,0 +1,271 @@
+"""The torch_xla SPMD backend on 4 virtual CPU devices (PJRT_DEVICE=CPU, CPU_NUM_DEVICES=4).
+
+Everything that touches torch_xla runs in a subprocess: the runtime reads its environment once,
+when it starts, and must not start inside the pytest process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT, clean_env, run_clm
+
+from clm.metrics import read_metrics
+
+needs_xla = pytest.mark.skipif(
+    importlib.util.find_spec("torch_xla") is None, reason="torch_xla is not installed"
+)
+
+XLA_DEVICES = 4
+# the same global batch (8 rows x 64 tokens) on both backends
+COMMON = [
+    "max_length=64",
+    "n_eval_examples=5",
+    "max_steps=4",
+    "eval_frequency=2",
+    "target_eval_loss=0",
+    "save_frequency=0",
+]
+XLA_RUN = ["backend=xla", f"per_device_train_batch_size={8 // XLA_DEVICES}", "xla_recompile=error"]
+CPU_RUN = ["backend=cpu", "per_device_train_batch_size=8"]
+# fp32; measured on this model: step 1 identical, later steps within 2e-5 (reduction order)
+LOSS_TOLERANCE = 1e-3
+
+
+def xla_env(tmp_path) -> dict[str, str]:
+    env = clean_env(tmp_path)
+    env["PJRT_DEVICE"] = "CPU"
+    env["CPU_NUM_DEVICES"] = str(XLA_DEVICES)
+    return env
+
+
+def run_xla(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(ROOT / "clm" / "run_clm.py"), f"output_dir={tmp_path / 'runs'}"]
+    return subprocess.run(
+        args + ["progress_bar=false", *COMMON, *overrides],
+        cwd=ROOT,
+        env=xla_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def cpu_metrics(tmp_path_factory):
+    cpu_dir = tmp_path_factory.mktemp("cpu")
+    cpu = run_clm(cpu_dir, *COMMON, *CPU_RUN)
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    return read_metrics(cpu_dir / "runs" / "embedded_default")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cpu_metrics):
+    """(xla process, xla metrics, cpu metrics) of the same 4-step run."""
+    xla_dir = tmp_path_factory.mktemp("xla")
+    xla = run_xla(xla_dir, *XLA_RUN)
+    assert xla.returncode == 0, xla.stderr[-3000:]
+    return xla, read_metrics(xla_dir / "runs" / "embedded_default"), cpu_metrics
+
+
+def assert_losses_match(xla: list[dict], cpu: list[dict]) -> None:
+    pairs = [
+        (x["step"], key, x[key], c[key])
+        for x, c in zip(xla, cpu, strict=True)
+        for key in ("train/loss", "eval/loss")
+        if key in x
+    ]
+    assert [(s, k[0]) for s, k, _, _ in pairs] == [
+        (1, "t"),
+        (2, "t"),
+        (2, "e"),
+        (3, "t"),
+        (4, "t"),
+        (4, "e"),
+    ]
+    for step, key, x, c in pairs:
+        assert abs(x - c) <= LOSS_TOLERANCE, (step, key, x, c)
+    assert xla[0]["train/loss"] == pytest.approx(cpu[0]["train/loss"], abs=1e-5)
+
+
+@needs_xla
+def test_xla_run_end_to_end(runs):
+    proc, records, _ = runs
+    assert "4 XLA CPU devices (SPMD mesh fsdp=4 x tensor=1 x expert=1)" in proc.stdout
+    assert "global batch 8 x 64 tokens" in proc.stdout
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval/loss" in r] == [2, 4]
+    for key in ("train/grad_norm", "train/lr", "perf/tokens_per_sec", "moe/drop_fraction"):
+        assert all(key in r for r in train), key
+    assert all(r["moe/drop_fraction"] == 0.0 for r in train)  # dropless stays exact on XLA
+
+
+@needs_xla
+def test_xla_losses_match_cpu(runs):
+    _, xla, cpu = runs
+    assert_losses_match(xla, cpu)
+
+
+@needs_xla
+def test_tensor_and_expert_parallel_losses_match_cpu(tmp_path, cpu_metrics):
+    """tensor 2 x expert 2 (fsdp 1): 2 data-parallel devices x 4 rows = the same 8 rows."""
+    proc = run_xla(
+        tmp_path,
+        "backend=xla",
+        "tensor_parallelism=2",
+        "expert_parallelism=2",
+        "per_device_train_batch_size=4",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SPMD mesh fsdp=1 x tensor=2 x expert=2" in proc.stdout
+    assert_losses_match(read_metrics(tmp_path / "runs" / "embedded_default"), cpu_metrics)
+
+
+@needs_xla
+def test_no_recompiles_after_warm_up(runs):
+    proc, records, _ = runs
+    compiles = [r["perf/compiles"] for r in records if "train/loss" in r]
+    assert compiles[0] >= 1
+    assert compiles[2] == compiles[3], compiles  # steps 3 and 4 (and the eval between) reuse
+    # xla_recompile=error: a recompile after warm-up would have stopped the run (exit 1)
+    assert "XLA compiled" not in proc.stderr
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch_xla
+    from clm.backends.xla_backend import XlaBackend, mesh_shape
+    from clm.config import ConfigError
+    from clm.model import build_model
+    from conftest import model_cfg
+
+    tp, ep = int(sys.argv[1]), int(sys.argv[2])
+    backend = XlaBackend(tp, ep)
+    model = backend.wrap_model(
+        build_model(model_cfg(config_path="mixtral_small.json"), backend.init_device, 0)
+    )
+    specs = {
+        name: torch_xla._XLAC._get_xla_sharding_spec(param)
+        for name, param in model.named_parameters()
+    }
+    batch = backend.to_device({"input_ids": torch_xla.torch.zeros(8, 16, dtype=int)})
+    specs["batch"] = torch_xla._XLAC._get_xla_sharding_spec(batch["input_ids"])
+    try:
+        mesh_shape(4, 3, 1)
+    except ConfigError as e:
+        specs["error"] = str(e)
+    print(json.dumps({"dp": backend.data_parallel_size, "specs": specs}))
+    """)
+
+
+def sharding(tmp_path, tensor: int, expert: int) -> dict:
+    env = xla_env(tmp_path)
+    env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'tests'}"
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDING_SCRIPT, str(tensor), str(expert)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_xla
+def test_fsdp_sharding_of_parameters_and_batch(tmp_path):
+    out = sharding(tmp_path, 1, 1)
+    specs = out["specs"]
+    assert out["dp"] == 4
+    # [V, D] embedding and [out, in] projections: the input dim split 4 ways
+    fsdp_last = "{devices=[1,4]0,1,2,3}"
+    assert specs["model.embed_tokens.weight"] == fsdp_last
+    assert specs["model.layers.0.self_attn.q_proj.weight"] == fsdp_last
+    assert specs["model.layers.0.self_attn.o_proj.weight"] == "{devices=[4,1]0,1,2,3}"
+    assert specs["model.layers.0.mlp.experts.gate_up_proj"] == "{devices=[1,1,4]0,1,2,3}"
+    assert specs["model.layers.0.mlp.experts.down_proj"] == "{devices=[1,4,1]0,1,2,3}"
+    assert specs["lm_head.weight"] == fsdp_last
+    assert specs["model.layers.0.input_layernorm.weight"] in ("", "{replicated}")
+    assert specs["batch"] == "{devices=[4,1]0,1,2,3}"
+    assert "tensor_parallelism=3 x expert_parallelism=1 = 3 does not divide" in specs["error"]
+
+
+@needs_xla
+def test_tensor_and_expert_parallel_sharding(tmp_path):
+    """tensor_parallelism=2 x expert_parallelism=2 on 4 devices (fsdp=1): the 2-D rules."""
+    out = sharding(tmp_path, 2, 2)
+    specs = out["specs"]
+    assert out["dp"] == 2  # rows split over fsdp x expert
+    on_tensor_rows = "{devices=[2,1,2]0,1,2,3 last_tile_dim_replicate}"  # replicated on expert
+    assert specs["model.embed_tokens.weight"] == on_tensor_rows
+    assert specs["model.layers.0.self_attn.q_proj.weight"] == on_tensor_rows  # column parallel
+    assert specs["model.layers.0.self_attn.o_proj.weight"] == (
+        "{devices=[1,2,2]0,1,2,3 last_tile_dim_replicate}"  # row parallel
+    )
+    # experts: E on "expert" (the minor mesh axis: devices 0,2 | 1,3), F on "tensor"
+    assert specs["model.layers.0.mlp.experts.gate_up_proj"] == "{devices=[2,2,1]0,2,1,3}"
+    assert specs["model.layers.0.mlp.experts.down_proj"] == "{devices=[2,1,2]0,2,1,3}"
+    assert specs["batch"] == "{devices=[2,1,2]0,2,1,3 last_tile_dim_replicate}"
+
+
+def test_backend_xla_without_torch_xla_is_a_config_error(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from clm.backends import select_backend
+    from clm.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "torch_xla", None)  # import torch_xla -> ImportError
+    monkeypatch.delitem(sys.modules, "clm.backends.xla_backend", raising=False)
+    cfg = OmegaConf.create({"backend": "xla", "tensor_parallelism": 1, "expert_parallelism": 1})
+    with pytest.raises(ConfigError, match=r"^backend=xla: torch_xla is not importable") as e:
+        select_backend(cfg)
+    assert "\n" not in str(e.value)
+    # auto picks XLA when PJRT_DEVICE=TPU is set: the same error, not a silent CPU run
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")
+    with pytest.raises(ConfigError, match="backend=xla"):
+        select_backend(OmegaConf.merge(cfg, {"backend": "auto"}))
+
+
+class _CountingBackend:
+    """The two things `_watch_compiles` reads from a backend: a compile count and is_main."""
+
+    is_main = True
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def compile_count(self) -> int:
+        return self.count
+
+
+@pytest.mark.parametrize("policy", ["warn", "error", "ignore"])
+def test_a_recompile_after_warm_up_follows_xla_recompile(policy, capsys):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from clm.trainer import Trainer, TrainingError
+
+    trainer = SimpleNamespace(
+        backend=_CountingBackend(9), cfg=OmegaConf.create({"xla_recompile": policy})
+    )
+    assert Trainer._watch_compiles(trainer, "step 2", False, 4) == 9  # warm-up: silent
+    assert Trainer._watch_compiles(trainer, "step 5", True, 9) == 9  # nothing new: silent
+    assert capsys.readouterr().err == ""
+    if policy == "error":
+        with pytest.raises(TrainingError, match="XLA compiled 1 new program"):
+            Trainer._watch_compiles(trainer, "step 5", True, 8)
+        return
+    assert Trainer._watch_compiles(trainer, "step 5", True, 8) == 9
+    err = capsys.readouterr().err
+    if policy == "warn":
+        assert err.startswith("warning: XLA compiled 1 new program(s) during step 5")
+    else:
+        assert err == ""
