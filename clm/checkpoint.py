@@ -28,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from clm.errors import OutputWriteError, describe
+
 COMMITTED = re.compile(r"^step_(\d{8})$")
 TRAINER_FILE = "trainer.pt"
 
@@ -78,11 +80,22 @@ def save(
     if is_main and partial.exists():
         shutil.rmtree(partial)  # a leftover of a crash during an earlier save of this step
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+    try:
+        with _quiet():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+        if is_main:
+            torch.save(trainer_state, partial / TRAINER_FILE)
+            _fsync_dir(partial)
+    except (OSError, RuntimeError, CheckpointException) as e:  # disk full, quota, size limit
+        if is_main:
+            shutil.rmtree(partial, ignore_errors=True)  # give the space back; never loaded
+        previous = committed(save_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "none kept"
+        raise OutputWriteError(
+            f"{final}: could not write the checkpoint ({describe(e, save_dir)}); {kept}; "
+            "free space and rerun the same command to resume"
+        ) from e
     if is_main:
-        torch.save(trainer_state, partial / TRAINER_FILE)
-        _fsync_dir(partial)
         if final.exists():  # the same step saved again (e.g. the final save): replace it
             shutil.rmtree(final)
         os.replace(partial, final)

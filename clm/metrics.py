@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
+
+from clm.errors import OutputWriteError, describe
 
 # Dense bf16 peak TFLOP/s per device, matched on the device name (case-insensitive).
 PEAK_TFLOPS = {
@@ -69,17 +72,42 @@ class MetricsWriter:
             return
         record = {"step": step}
         record.update({k: _plain(v) for k, v in values.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        end = self._file.tell()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # disk full: cut back to the last whole record, then stop the run
+            self._file = _reopen_truncated(self._file, self.path, end)
+            raise OutputWriteError(
+                f"{self.path}: could not append the step-{step} record ({describe(e, self.path)}); "
+                "the records before it are intact"
+            ) from e
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._tb.close()
-            self._file = self._tb = None
+        """Close both writers; a write error here (disk full) is reported, not raised, so that
+        it never hides the error that ended the run."""
+        if self._file is None:
+            return
+        for handle in (self._file, self._tb):
+            try:
+                handle.close()
+            except Exception as e:  # noqa: BLE001 - tensorboard raises several kinds
+                print(f"warning: closing {self.path.parent}: {e}", file=sys.stderr, flush=True)
+        self._file = self._tb = None
+
+
+def _reopen_truncated(handle, path: Path, size: int):
+    """Close the failed handle (dropping its buffer), then cut off the partly written line."""
+    try:
+        handle.close()
+    except OSError:
+        pass
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    return open(path, "a", encoding="utf-8")
 
 
 def _plain(value):

@@ -27,6 +27,7 @@ USER_ERRORS = (ValueError, FileNotFoundError)
 
 @hydra.main(version_base=None, config_path="config", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from clm.errors import OutputWriteError
     from clm.trainer import Preempted, TrainingError, run
 
     try:
@@ -34,7 +35,7 @@ def main(cfg: DictConfig) -> None:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except TrainingError as e:
+    except (TrainingError, OutputWriteError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     except Preempted as e:

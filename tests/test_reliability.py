@@ -138,3 +138,97 @@ def test_redaction_rule():
         "hf_token": "***",
         "db_password": "***",
     }
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: writes past `limit` bytes fail with EFBIG, as on a full disk (Python ignores
+    SIGXFSZ, so the write returns the error instead of killing the process)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path):
+    args = [sys.executable, str(RUN_CLM), f"output_dir={tmp_path}", *SMALL, "progress_bar=false"]
+    env = clean_env(tmp_path)
+    run_dir = tmp_path / "embedded_default"
+    first = subprocess.Popen(
+        args + ["max_steps=400", "save_frequency=2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "checkpoints" / "step_00000002").exists():
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    # the same command again, now unable to write any file over 5 MB (a checkpoint is ~130 MB)
+    again = subprocess.run(
+        args + ["max_steps=400", "save_frequency=2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit(5_000_000),
+    )
+    assert again.returncode == 1, again.stderr[-2000:]
+    step2, step4 = (run_dir / "checkpoints" / f"step_0000000{n}" for n in (2, 4))
+    assert again.stderr.strip().splitlines() == [
+        f"error: {step4}: could not write the checkpoint (EFBIG: File too large; "
+        + again.stderr.split("File too large; ")[1].split(")")[0]
+        + f"); the previous checkpoint {step2} is intact; "
+        "free space and rerun the same command to resume"
+    ]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000002"]
+    assert checkpoint.read_trainer_state(step2)["step"] == 2
+    steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert steps == [1, 2, 3, 4]  # the records written before the failure are kept
+    assert [s["metadata"]["status"] for s in mlperf_stops(run_dir)] == ["aborted"]
+    # with space again, the same command resumes from step 2
+    third = subprocess.run(
+        args + ["max_steps=5", "save_frequency=2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "(step 2)" in third.stdout
+
+
+METRICS_SCRIPT = """
+import sys
+from clm.errors import OutputWriteError
+from clm.metrics import MetricsWriter, read_metrics
+run_dir = sys.argv[1]
+writer = MetricsWriter(run_dir)
+for step in (1, 2, 3):
+    writer.log(step, {"train/loss": 1.0 / step})
+import resource
+size = writer.path.stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 1000, size + 1000))  # events file fits
+try:
+    writer.log(4, {"note": "x" * 5000})
+except OutputWriteError as e:
+    print(e)
+writer.close()
+print([r["step"] for r in read_metrics(run_dir)])
+"""
+
+
+def test_metrics_that_cannot_be_written_keep_the_earlier_records(tmp_path):
+    env = clean_env(tmp_path)
+    env["PYTHONPATH"] = str(CLM.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", METRICS_SCRIPT, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    error, steps = proc.stdout.strip().splitlines()
+    assert error.startswith(f"{tmp_path / 'metrics.jsonl'}: could not append the step-4 record")
+    assert "EFBIG" in error and error.endswith("the records before it are intact")
+    assert steps == "[1, 2, 3]"  # the partial fourth line was cut off

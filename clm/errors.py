@@ -1,0 +1,51 @@
+"""Errors for outputs that could not be written (disk full, quota, file-size limit).
+
+`run_clm.py` turns them into one line and exit code 1; whatever was written before stays as it
+was (the metrics file is cut back to its last whole record, a checkpoint that failed mid-write
+stays a `.partial` directory that nothing loads).
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+
+class OutputWriteError(RuntimeError):
+    """A run output (metrics, checkpoint) could not be written; the message names the path."""
+
+
+def describe(error: BaseException, path: Path) -> str:
+    """The OS reason behind `error` (walking its causes) and the free space where `path` is."""
+    reason = None
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            reason = f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
+            break
+        stack += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():  # DCP: one per rank
+            stack.append(
+                failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", None)
+            )
+    if reason is None:
+        text = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {text[0] if text else ''}"
+    try:
+        free = shutil.disk_usage(_existing_parent(path)).free
+        return f"{reason}; {free / 2**30:.2f} GiB free there"
+    except OSError:
+        return reason
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
