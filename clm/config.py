@@ -174,6 +174,15 @@ def warmup_steps(sched: DictConfig) -> int:
     return 0
 
 
+def constant_steps(sched: DictConfig) -> int:
+    """CosineAnnealing's steps held at min_lr at the end: constant_steps, else the ratio, else 0."""
+    if sched.get("constant_steps"):
+        return int(sched.constant_steps)
+    if sched.get("constant_ratio") is not None:
+        return int(float(sched.constant_ratio) * int(sched.max_steps))
+    return 0
+
+
 def finalize(cfg: DictConfig, data_parallel_size: int) -> None:
     """Fill the values that depend on the device count, checking any the user set."""
     train = cfg.per_device_train_batch_size * data_parallel_size * cfg.gradient_accumulation_steps

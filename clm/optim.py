@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig
 
-from clm.config import warmup_steps
+from clm.config import constant_steps, warmup_steps
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -38,17 +38,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: DictConfig, device: torch.device):
-    """torch.optim.AdamW for both ADAMW_TORCH and ADAMW_TORCH_XLA, on XLA too.
+def build_optimizer(
+    model: torch.nn.Module,
+    cfg: DictConfig,
+    device: torch.device,
+    adamw: type[torch.optim.Optimizer] = torch.optim.AdamW,
+):
+    """AdamW with the config's hyperparameters; `adamw` is the backend's class for `optimizer`.
 
-    torch_xla's syncfree AdamW applies the same update; it only matters with AMP's inf checks.
+    The XLA backend gives torch_xla's syncfree AdamW for ADAMW_TORCH_XLA (the same update rule,
+    written so that a skipped step needs no host sync); elsewhere both names are torch's AdamW,
+    fused on CUDA.
     """
-    return torch.optim.AdamW(
+    kwargs = {"fused": True} if device.type == "cuda" and adamw is torch.optim.AdamW else {}
+    return adamw(
         param_groups(model, float(cfg.weight_decay)),
         lr=float(cfg.lr),
         betas=(float(cfg.adam_beta1), float(cfg.adam_beta2)),
         eps=float(cfg.adam_epsilon),
-        fused=device.type == "cuda",
+        **kwargs,
     )
 
 
@@ -93,12 +101,7 @@ def lr_schedule(sched: DictConfig, lr: float) -> Callable[[int], float]:
         else:
             hold_until = 0
         return lambda step: _warmup_hold(step, lr, warmup, hold_until, max_steps, min_lr)
-    if sched.get("constant_steps"):
-        constant = int(sched.constant_steps)
-    elif sched.get("constant_ratio") is not None:
-        constant = int(float(sched.constant_ratio) * max_steps)
-    else:
-        constant = 0
+    constant = constant_steps(sched)
     return lambda step: _cosine(step, lr, warmup, constant, max_steps, min_lr)
 
 

@@ -24,6 +24,18 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def run_python(tmp_path: Path, *argv: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python argv...` from the repository root with the clean environment."""
+    return subprocess.run(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run_clm(tmp_path: Path, *overrides: str, cwd: Path = ROOT, timeout: int = 600):
     """`python clm/run_clm.py overrides...` with output under tmp_path; returns CompletedProcess."""
     args = [sys.executable, str(RUN_CLM), f"output_dir={tmp_path / 'runs'}", "progress_bar=false"]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import CLM, ROOT, RUN_CLM, clean_env
+from conftest import CLM, RUN_CLM, clean_env, run_python
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -82,14 +82,7 @@ def _norm(value):
 
 def print_job(tmp_path, *args: str):
     """`python clm/run_clm.py args --cfg job` from the repository root."""
-    return subprocess.run(
-        [sys.executable, str(RUN_CLM), *args, "--cfg", "job"],
-        cwd=ROOT,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_python(tmp_path, str(RUN_CLM), *args, "--cfg", "job")
 
 
 def test_root_invocation_composes(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLM, ROOT, clean_env
+from conftest import CLM, ROOT, run_python
 from omegaconf import OmegaConf
 
 from clm import config as config_lib
@@ -463,14 +463,7 @@ def test_max_steps_without_target_is_aborted_once(tmp_path):
 
 # ---- the launcher, as a user runs it ----------------------------------------------------------
 def run_launch(tmp_path, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "clm.nemo.launch", *args],
-        cwd=ROOT,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_python(tmp_path, "-m", "clm.nemo.launch", *args)
 
 
 def test_launch_without_nemo_exits_2_with_one_line(tmp_path):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CLM, ROOT, clean_env, model_cfg
+from conftest import CLM, ROOT, clean_env, model_cfg, run_python
 from hydra import compose, initialize_config_dir
 
 from clm import config as config_lib
@@ -25,14 +25,7 @@ ACTIVATION_TOLERANCE = (0.90, 1.05)
 
 
 def run_plan(*args: str, tmp_path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "clm.plan", *args],
-        cwd=ROOT,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_python(tmp_path, "-m", "clm.plan", *args)
 
 
 # --------------------------------------------------------------------------- the benchmark

@@ -163,15 +163,19 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path):
         time.sleep(0.05)
     first.kill()
     first.wait()
+
+    def rerun(max_steps: int, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            args + [f"max_steps={max_steps}", "save_frequency=2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            **kwargs,
+        )
+
     # the same command again, now unable to write any file over 5 MB (a checkpoint is ~130 MB)
-    again = subprocess.run(
-        args + ["max_steps=400", "save_frequency=2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=_file_size_limit(5_000_000),
-    )
+    again = rerun(400, preexec_fn=_file_size_limit(5_000_000))
     assert again.returncode == 1, again.stderr[-2000:]
     step2, step4 = (run_dir / "checkpoints" / f"step_0000000{n}" for n in (2, 4))
     assert again.stderr.strip().splitlines() == [
@@ -186,13 +190,7 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path):
     assert steps == [1, 2, 3, 4]  # the records written before the failure are kept
     assert [s["metadata"]["status"] for s in mlperf_stops(run_dir)] == ["aborted"]
     # with space again, the same command resumes from step 2
-    third = subprocess.run(
-        args + ["max_steps=5", "save_frequency=2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    third = rerun(5)
     assert third.returncode == 0, third.stderr[-2000:]
     assert "(step 2)" in third.stdout
 

@@ -226,13 +226,7 @@ def schedule_settings(cfg: DictConfig) -> tuple[dict, float]:
     if sched.name == "WarmupHoldPolicy":
         style, decay_iters = "constant", max_steps
     else:
-        if sched.get("constant_steps"):
-            constant = int(sched.constant_steps)
-        elif sched.get("constant_ratio") is not None:
-            constant = int(float(sched.constant_ratio) * max_steps)
-        else:
-            constant = 0
-        style, decay_iters = "cosine", max_steps - constant
+        style, decay_iters = "cosine", max_steps - config_lib.constant_steps(sched)
         _check(
             decay_iters > warmup,
             f"sched: the cosine decay ends at step {decay_iters}, not after the {warmup} "
