@@ -123,7 +123,7 @@ def build_model(model_cfg: DictConfig, device: torch.device, seed: int) -> PreTr
     else:
         model = load_pretrained(model_cfg.name_or_path, config, dtype).to(device)
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train()
     return model
 

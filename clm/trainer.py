@@ -10,9 +10,11 @@ normalizing by the token count of the whole global batch so the step's loss is t
 token-mean; clip; step; schedule; evaluate every `eval_frequency` steps; stop at
 `target_eval_loss` or `max_steps`.
 
-Batches: this process loads `per_device_*_batch_size x backend.local_data_parallel_size` rows
-per micro-batch (one device's rows with one process per device; the whole global batch under
-XLA SPMD, where one process drives every device and the backend shards the rows).
+Batches: every process reads the whole global batch of each step from the same deterministic
+stream; `backend.local_rows` keeps the rows this process computes (its data-parallel rank's rows
+of each micro-batch with one process per device under torchrun; all of them under XLA SPMD,
+where one process drives every device and the backend shards the rows). So this process runs
+micro-batches of `per_device_*_batch_size x backend.local_data_parallel_size` rows.
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ from clm.metrics import MetricsWriter, peak_tflops, training_flops_per_token
 from clm.mlperf import MLPerfLogger, compliance_path
 from clm.tokenizer import load_tokenizer
 
-RUN_DIR_OUTPUTS = ("metrics.jsonl", "tensorboard", "config.yaml", "mlperf_compliance.log")
+RUN_DIR_OUTPUTS = (
+    "metrics.jsonl",
+    "tensorboard",
+    "config.yaml",
+    "mlperf_compliance.log",
+    "profile",
+)
 
 
 class TrainingError(RuntimeError):
@@ -67,7 +75,7 @@ class Summary:
         return self.tokens / max(self.train_seconds, 1e-9)
 
 
-def prepare_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
+def prepare_run_dir(cfg: DictConfig, backend: Backend | None = None) -> tuple[Path, Path | None]:
     """Create the run directory; returns it and the checkpoint to resume from, if any.
 
     An unfinished run with a committed checkpoint in `save_dir` is resumed (`auto_resume`): its
@@ -75,24 +83,41 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     and its MLPerf log is kept aside. Otherwise a directory that already holds a run (or a
     finished run's checkpoints) is refused unless `overwrite_output_dir=true`, which deletes that
     run's logs and checkpoints first.
+
+    With several processes every one decides from the same files, then (after a barrier) only
+    the main one changes them, and the others wait for it.
     """
     run_dir = Path(cfg.run_dir)
     save_dir = Path(cfg.save_dir)
     last = checkpoint.latest(save_dir) if cfg.auto_resume else None
     state = checkpoint.read_trainer_state(last) if last is not None else {}
-    if last is not None and not state.get("finished", False):
-        step = int(state.get("step", 0))
+    resume = last is not None and not state.get("finished", False)
+    clear = not resume and ((run_dir / "metrics.jsonl").exists() or last is not None)
+    if clear and not cfg.overwrite_output_dir:
+        raise config_lib.ConfigError(
+            f"run_dir={run_dir} already holds a run (metrics.jsonl); choose another "
+            "exp_name or pass overwrite_output_dir=true"
+        )
+    if backend is not None:
+        backend.barrier()  # every process has looked before the main one changes anything
+    if backend is None or backend.is_main:
+        _apply_run_dir_decision(run_dir, save_dir, int(state.get("step", 0)), resume, clear)
+    if backend is not None:
+        backend.barrier()
+    return run_dir, last if resume else None
+
+
+def _apply_run_dir_decision(
+    run_dir: Path, save_dir: Path, step: int, resume: bool, clear: bool
+) -> None:
+    """prepare_run_dir's changes to the files (the main process only)."""
+    if resume:
         _drop_metrics_after(run_dir / "metrics.jsonl", step)
         log = run_dir / "mlperf_compliance.log"
         if log.exists():
             os.replace(log, log.with_name(f"{log.name}.before-resume-at-step-{step}"))
-        return run_dir, last
-    if (run_dir / "metrics.jsonl").exists() or last is not None:
-        if not cfg.overwrite_output_dir:
-            raise config_lib.ConfigError(
-                f"run_dir={run_dir} already holds a run (metrics.jsonl); choose another "
-                "exp_name or pass overwrite_output_dir=true"
-            )
+        return
+    if clear:
         for name in RUN_DIR_OUTPUTS:
             target = run_dir / name
             if target.is_dir():
@@ -102,7 +127,6 @@ def prepare_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
         if save_dir.is_dir():
             shutil.rmtree(save_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, None
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -147,7 +171,10 @@ class Trainer:
         _, active = model_lib.count_parameters(model)
         self.flops_per_token = training_flops_per_token(model, active, cfg.max_length)
         self.peak_tflops = peak_tflops(backend.device_description(), cfg.peak_tflops_per_device)
-        self.local_rows = backend.local_data_parallel_size  # devices whose rows we load
+        self.local_rows = backend.local_data_parallel_size  # devices whose rows we compute
+        # processes that each compute their own load-balancing loss on their own rows; their
+        # gradients are summed, so each adds 1/aux_groups of its aux loss (the mean over ranks)
+        self.aux_groups = backend.data_parallel_size // backend.local_data_parallel_size
         self.evals_done = 0  # in this process: the first eval compiles, later ones must not
 
     # ---- evaluation -----------------------------------------------------------------------
@@ -157,7 +184,8 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.backend.device)
         count = torch.zeros((), dtype=torch.int64, device=self.backend.device)
-        for batch in self.eval_set.batches(self.cfg.per_device_eval_batch_size * self.local_rows):
+        for batch in self.eval_set.batches(self.cfg.global_eval_batch_size):
+            batch = self.backend.local_rows(batch)  # every process reads the same eval batches
             nll, n, _ = model_lib.forward(self.model, self.backend.to_device(batch), False)
             total += nll.double()
             count += n
@@ -182,12 +210,12 @@ class Trainer:
             nll, _, aux = model_lib.forward(self.model, self.backend.to_device(part), True)
             loss = nll / targets
             if aux is not None:
-                loss = loss + self.aux_coef * aux / accum
+                loss = loss + self.aux_coef * aux / (accum * self.aux_groups)
                 aux_total += aux.detach() / accum
             loss.backward()
             nll_total += nll.detach()
         max_norm = float(cfg.max_grad_norm) if cfg.max_grad_norm else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = self.backend.clip_grad_norm_(self.model, max_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -201,6 +229,7 @@ class Trainer:
             "train/lr": lr,
         }
         if self.is_moe:
+            aux_total = self.backend.all_reduce_sum(aux_total) / self.aux_groups
             values["train/aux_loss"] = float(aux_total)
             from clm.moe import moe_metrics
 
@@ -219,8 +248,10 @@ class Trainer:
         resumed_at = self.step
         target = float(cfg.target_eval_loss)
         status = "max_steps reached"
-        rows = cfg.per_device_train_batch_size * self.local_rows * cfg.gradient_accumulation_steps
-        # a resumed run skips the blocks the checkpointed steps consumed: no block twice
+        # every process reads the whole global batch of each step from the same stream and
+        # computes its rows of it (backend.local_rows); a resumed run skips the blocks the
+        # checkpointed steps consumed: no block twice
+        rows = cfg.global_train_batch_size
         batches = self.train_stream.batches(rows, skip_blocks=self.step * rows)
         bar = tqdm(
             total=cfg.max_steps,
@@ -262,11 +293,12 @@ class Trainer:
             if not reached:
                 self.mlperf.block_start(samples())
             while not reached and self.step < cfg.max_steps:
-                batch = next(batches)
+                batch = self.backend.local_rows(next(batches), cfg.gradient_accumulation_steps)
                 compiles = self.backend.compile_count()
                 t0 = time.perf_counter()
-                values = self.train_step(batch)
-                self.backend.sync()
+                with self.backend.profile(self.step + 1):
+                    values = self.train_step(batch)
+                    self.backend.sync()
                 dt = time.perf_counter() - t0
                 self.step += 1
                 # warm-up: the first 3 steps of this process may compile (AdamW state appears)
@@ -301,7 +333,8 @@ class Trainer:
                         self.mlperf.block_start(samples())
                 if cfg.save_frequency and self.step % cfg.save_frequency == 0 and not reached:
                     self.save_checkpoint(finished=False)
-                if stop_signal and not reached:
+                # a signal may reach the processes between different steps: stop all together
+                if self.backend.any_process(bool(stop_signal)) and not reached:
                     raise Preempted(self._preempted_message())
             if cfg.save_frequency:
                 self.save_checkpoint(finished=True)
@@ -432,7 +465,7 @@ def run(cfg: DictConfig) -> Summary:
     config_lib.validate(cfg)
     backend = select_backend(cfg)
     config_lib.finalize(cfg, backend.data_parallel_size)
-    run_dir, resume_from = prepare_run_dir(cfg)
+    run_dir, resume_from = prepare_run_dir(cfg, backend)
     if backend.is_main:
         OmegaConf.save(OmegaConf.create(config_lib.redacted(cfg)), run_dir / "config.yaml")
     mlperf = MLPerfLogger(cfg, compliance_path(run_dir), enabled=backend.is_main)
@@ -463,7 +496,9 @@ def run(cfg: DictConfig) -> Summary:
     model = model_lib.build_model(cfg.model, backend.init_device, cfg.seed)
     _check_vocab(cfg, model, tokenizer)
     model = backend.wrap_model(model)
-    optimizer = optim.build_optimizer(model, cfg, backend.device)
+    optimizer = optim.build_optimizer(
+        model, cfg, backend.device, backend.optimizer_class(cfg.optimizer)
+    )
     scheduler = optim.build_scheduler(optimizer, cfg.sched, float(cfg.lr))
     metrics = MetricsWriter(run_dir, enabled=backend.is_main)
     total, active = model_lib.count_parameters(model)

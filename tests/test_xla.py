@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from conftest import ROOT, clean_env, run_clm
 
 from clm.metrics import read_metrics
@@ -37,19 +38,19 @@ CPU_RUN = ["backend=cpu", "per_device_train_batch_size=8"]
 LOSS_TOLERANCE = 1e-3
 
 
-def xla_env(tmp_path) -> dict[str, str]:
+def xla_env(tmp_path, devices: int = XLA_DEVICES) -> dict[str, str]:
     env = clean_env(tmp_path)
     env["PJRT_DEVICE"] = "CPU"
-    env["CPU_NUM_DEVICES"] = str(XLA_DEVICES)
+    env["CPU_NUM_DEVICES"] = str(devices)
     return env
 
 
-def run_xla(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+def run_xla(tmp_path, *overrides: str, devices: int = XLA_DEVICES) -> subprocess.CompletedProcess:
     args = [sys.executable, str(ROOT / "clm" / "run_clm.py"), f"output_dir={tmp_path / 'runs'}"]
     return subprocess.run(
         args + ["progress_bar=false", *COMMON, *overrides],
         cwd=ROOT,
-        env=xla_env(tmp_path),
+        env=xla_env(tmp_path, devices),
         capture_output=True,
         text=True,
         timeout=600,
@@ -57,11 +58,18 @@ def run_xla(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cpu_metrics(tmp_path_factory):
+def cpu_run(tmp_path_factory):
+    """The reference: backend=cpu, checkpoints at steps 2 and 4."""
     cpu_dir = tmp_path_factory.mktemp("cpu")
-    cpu = run_clm(cpu_dir, *COMMON, *CPU_RUN)
+    overrides = [o for o in COMMON if not o.startswith("save_frequency=")]
+    cpu = run_clm(cpu_dir, *overrides, *CPU_RUN, "save_frequency=2")
     assert cpu.returncode == 0, cpu.stderr[-3000:]
-    return read_metrics(cpu_dir / "runs" / "embedded_default")
+    return cpu_dir / "runs" / "embedded_default"
+
+
+@pytest.fixture(scope="module")
+def cpu_metrics(cpu_run):
+    return read_metrics(cpu_run)
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +120,48 @@ def test_xla_losses_match_cpu(runs):
     assert_losses_match(xla, cpu)
 
 
+# (devices, tensor, expert, rows per data-parallel device): always the same 8-row global batch
+MESHES = {
+    "one device": (1, 1, 1, 8),
+    "fsdp2 x tensor2": (4, 2, 1, 4),
+    "fsdp2 x tensor2 x expert2": (8, 2, 2, 2),
+}
+
+
 @needs_xla
-def test_tensor_and_expert_parallel_losses_match_cpu(tmp_path, cpu_metrics):
-    """tensor 2 x expert 2 (fsdp 1): 2 data-parallel devices x 4 rows = the same 8 rows."""
+@pytest.mark.parametrize("mesh", MESHES)
+def test_every_mesh_matches_cpu(tmp_path, cpu_metrics, mesh):
+    devices, tensor, expert, rows = MESHES[mesh]
     proc = run_xla(
         tmp_path,
         "backend=xla",
-        "tensor_parallelism=2",
-        "expert_parallelism=2",
-        "per_device_train_batch_size=4",
+        "xla_recompile=error",
+        f"tensor_parallelism={tensor}",
+        f"expert_parallelism={expert}",
+        f"per_device_train_batch_size={rows}",
+        devices=devices,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "SPMD mesh fsdp=1 x tensor=2 x expert=2" in proc.stdout
+    fsdp = devices // (tensor * expert)
+    assert f"SPMD mesh fsdp={fsdp} x tensor={tensor} x expert={expert}" in proc.stdout
     assert_losses_match(read_metrics(tmp_path / "runs" / "embedded_default"), cpu_metrics)
+
+
+@needs_xla
+def test_checkpointing_syncfree_adamw_and_a_profile(tmp_path, cpu_metrics):
+    """Per-layer checkpointing (aux-loss gradient included) and syncfree AdamW: same losses."""
+    proc = run_xla(
+        tmp_path,
+        *XLA_RUN,
+        "model.gradient_checkpointing=true",
+        "optimizer=ADAMW_TORCH_XLA",
+        "xla_profile_step=3",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "embedded_default"
+    assert_losses_match(read_metrics(run_dir), cpu_metrics)
+    traces = list((run_dir / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1, traces  # exactly the one step asked for
 
 
 @needs_xla
@@ -164,8 +201,8 @@ SHARDING_SCRIPT = textwrap.dedent("""
     """)
 
 
-def sharding(tmp_path, tensor: int, expert: int) -> dict:
-    env = xla_env(tmp_path)
+def sharding(tmp_path, tensor: int, expert: int, devices: int = XLA_DEVICES) -> dict:
+    env = xla_env(tmp_path, devices)
     env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'tests'}"
     proc = subprocess.run(
         [sys.executable, "-c", SHARDING_SCRIPT, str(tensor), str(expert)],
@@ -269,3 +306,77 @@ def test_a_recompile_after_warm_up_follows_xla_recompile(policy, capsys):
         assert err.startswith("warning: XLA compiled 1 new program(s) during step 5")
     else:
         assert err == ""
+
+
+@needs_xla
+def test_three_axis_mesh_sharding(tmp_path):
+    """fsdp=2 x tensor=2 x expert=2 on 8 devices; device id = fsdp*4 + tensor*2 + expert."""
+    out = sharding(tmp_path, 2, 2, devices=8)
+    specs = out["specs"]
+    assert out["dp"] == 4  # rows split over fsdp x expert
+    # q_proj [out, in]: out on tensor, in on fsdp, replicated over expert
+    assert specs["model.layers.0.self_attn.q_proj.weight"] == (
+        "{devices=[2,2,2]0,1,4,5,2,3,6,7 last_tile_dim_replicate}"
+    )
+    # experts [E, 2F, D]: E on expert, 2F on tensor, D on fsdp: every device holds one tile
+    assert specs["model.layers.0.mlp.experts.gate_up_proj"] == "{devices=[2,2,2]0,4,2,6,1,5,3,7}"
+    assert specs["model.layers.0.mlp.experts.down_proj"] == "{devices=[2,2,2]0,2,4,6,1,3,5,7}"
+    # the batch: rows 4 ways over (fsdp, expert), replicated over tensor
+    assert specs["batch"] == "{devices=[4,1,2]0,2,1,3,4,6,5,7 last_tile_dim_replicate}"
+
+
+@needs_xla
+def test_fsdp_by_tensor_sharding(tmp_path):
+    """fsdp=2 x tensor=2 on 4 devices: 2-D sharding of every matrix, batch rows on fsdp."""
+    out = sharding(tmp_path, 2, 1)
+    specs = out["specs"]
+    assert out["dp"] == 2
+    assert specs["model.layers.0.self_attn.q_proj.weight"] == "{devices=[2,2]0,2,1,3}"  # column
+    assert specs["model.layers.0.self_attn.o_proj.weight"] == "{devices=[2,2]0,1,2,3}"  # row
+    assert specs["model.layers.0.mlp.experts.gate_up_proj"] == "{devices=[1,2,2]0,2,1,3}"
+    assert specs["batch"] == "{devices=[2,1,2]0,1,2,3 last_tile_dim_replicate}"
+
+
+@needs_xla
+def test_a_mesh_that_does_not_divide_the_devices_fails_before_any_work(tmp_path):
+    proc = run_xla(tmp_path, "backend=xla", "tensor_parallelism=3")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: tensor_parallelism=3 x expert_parallelism=1 = 3 does not divide the 4 devices "
+        "(fsdp = devices / (tensor x expert))"
+    ]
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def _load_on_cpu(path):
+    from conftest import model_cfg
+
+    from clm import checkpoint
+    from clm.model import build_model
+
+    model = build_model(model_cfg(config_path="mixtral_small.json"), torch.device("cpu"), 1)
+    checkpoint.restore(path, model, None)
+    return model.state_dict()
+
+
+@needs_xla
+def test_checkpoints_move_between_cpu_and_an_spmd_mesh(tmp_path, cpu_run, cpu_metrics):
+    """A CPU checkpoint restores onto fsdp=4 and training goes on with the CPU losses; the
+    checkpoint the mesh saves loads back on the CPU with the CPU run's weights."""
+    step2 = cpu_run / "checkpoints" / "step_00000002"
+    proc = run_xla(tmp_path, *XLA_RUN, f"checkpoint_manager_path={step2}", "save_frequency=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"restored {step2} (step 2)" in proc.stdout
+    run_dir = tmp_path / "runs" / "embedded_default"
+    xla = read_metrics(run_dir)
+    for key in ("train/loss", "eval/loss"):
+        got = [(r["step"], r[key]) for r in xla if key in r]
+        want = [(r["step"], r[key]) for r in cpu_metrics if key in r and r["step"] > 2]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        for (_, x), (_, c) in zip(got, want, strict=True):
+            assert abs(x - c) <= LOSS_TOLERANCE, (key, x, c)
+    saved = _load_on_cpu(run_dir / "checkpoints" / "step_00000004")
+    reference = _load_on_cpu(cpu_run / "checkpoints" / "step_00000004")
+    assert saved.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.allclose(saved[name], tensor, atol=1e-5, rtol=1e-4), name
