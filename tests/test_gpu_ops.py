@@ -112,6 +112,7 @@ sys.exit(subprocess.run(command, env=env).returncode)
         SLURM_JOB_NUM_NODES="2",
     )
     proc = run("bash", RUN_SUB, "+experiment=gbs256_gpu", "max_steps=10", cwd=ROOT, env=env)
+    assert record.exists(), f"srun was not reached: {proc.returncode}\n{proc.stdout}{proc.stderr}"
     args = json.loads(record.read_text())
     assert "--container-image=registry.example/mlperf-moe:gpu" in args
     mounts = next(a for a in args if a.startswith("--container-mounts="))

@@ -69,7 +69,7 @@ case "${1:-}" in
     # slice 0, worker 0: the process that writes metrics.jsonl and the MLPerf log
     selector="jobset.sigs.k8s.io/jobset-name=$WORKLOAD,jobset.sigs.k8s.io/job-index=0"
     selector+=",batch.kubernetes.io/job-completion-index=0"
-    pod=$(kubectl get pods -l "$selector" -o name | head -n 1)
+    pod=$(kubectl get pods -l "$selector" -o name | awk 'NR == 1')  # no SIGPIPE under pipefail
     [[ -n "$pod" ]] || die "no pod of workload $WORKLOAD yet (scripts/tpu/xpk.sh status)"
     kubectl logs -f "$pod"
     ;;
