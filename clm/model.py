@@ -150,10 +150,15 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token NLL over unmasked labels, number of those labels), in fp32."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    """(sum of next-token NLL over unmasked labels, number of those labels), in fp32.
+
+    The labels are shifted (left by one, padded with the ignore index), not the logits: slicing
+    the [B, S, V] logits would copy them in the forward and again in the backward (measured:
+    the whole train step of the embedded default went from 0.82x to 0.99x stock HF's).
+    """
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    total = F.cross_entropy(flat_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return total, (shift_labels != IGNORE_INDEX).sum()
 
 
