@@ -35,12 +35,11 @@ from hydra import compose, initialize_config_dir
 from transformers import MixtralForCausalLM
 
 from clm import config as config_lib
-from clm import data as data_lib
 from clm import model as model_lib
 from clm import optim
 from clm.backends import select_backend
 from clm.tokenizer import load_tokenizer
-from clm.trainer import Trainer
+from clm.trainer import Trainer, build_train_stream
 
 
 def compose_cfg(overrides: list[str]):
@@ -55,18 +54,7 @@ def compose_cfg(overrides: list[str]):
 def real_batches(cfg, count: int) -> list[dict[str, torch.Tensor]]:
     """`count` global batches of the shipped sample, as the trainer's stream yields them."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.dataset.tokenizer_sha256)
-    first, last = cfg.dataset.train_shards
-    stream = data_lib.TrainStream(
-        files=data_lib.train_files(cfg.dataset.train_dataset_path, first, last),
-        tokenizer=tokenizer,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-        shuffle=cfg.shuffle,
-        streaming=cfg.dataset.streaming,
-        shuffle_buffer_size=cfg.dataset.shuffle_buffer_size,
-        skip_bad_records=cfg.dataset.skip_bad_records,
-    )
-    batches = stream.batches(cfg.global_train_batch_size)
+    batches = build_train_stream(cfg, tokenizer).batches(cfg.global_train_batch_size)
     return [next(batches) for _ in range(count)]
 
 

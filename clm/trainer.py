@@ -448,6 +448,21 @@ def describe(summary: Summary, cfg: DictConfig, run_dir: Path) -> str:
     )
 
 
+def build_train_stream(cfg: DictConfig, tokenizer) -> data_lib.TrainStream:
+    """The deterministic stream of packed training blocks the config asks for."""
+    first, last = cfg.dataset.train_shards
+    return data_lib.TrainStream(
+        files=data_lib.train_files(cfg.dataset.train_dataset_path, first, last),
+        tokenizer=tokenizer,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+        streaming=cfg.dataset.streaming,
+        shuffle_buffer_size=cfg.dataset.shuffle_buffer_size,
+        skip_bad_records=cfg.dataset.skip_bad_records,
+    )
+
+
 def build_eval_set(cfg: DictConfig, tokenizer) -> data_lib.EvalSet:
     """The packed, padded eval set a finalized config asks for."""
     return data_lib.load_eval_set(
@@ -474,17 +489,7 @@ def run(cfg: DictConfig) -> Summary:
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.dataset.tokenizer_sha256)
     eval_set = build_eval_set(cfg, tokenizer)
-    first, last = cfg.dataset.train_shards
-    train_stream = data_lib.TrainStream(
-        files=data_lib.train_files(cfg.dataset.train_dataset_path, first, last),
-        tokenizer=tokenizer,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-        shuffle=cfg.shuffle,
-        streaming=cfg.dataset.streaming,
-        shuffle_buffer_size=cfg.dataset.shuffle_buffer_size,
-        skip_bad_records=cfg.dataset.skip_bad_records,
-    )
+    train_stream = build_train_stream(cfg, tokenizer)
 
     if cfg.model.config_path and cfg.model.name_or_path and backend.is_main:
         print(
