@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from clm.errors import OutputWriteError, describe
+from clm.model_math import flops_per_token
 
 # Dense bf16 peak TFLOP/s per device, matched on the device name (case-insensitive).
 PEAK_TFLOPS = {
@@ -39,18 +40,16 @@ def peak_tflops(device_description: str, configured: float | None) -> float | No
 
 
 def training_flops_per_token(model: torch.nn.Module, active_params: int, seq_len: int) -> float:
-    """6 x active parameters (input embedding excluded: it is a lookup) + attention.
-
-    Attention scores and values cost 12 x layers x hidden x seq_len per token for forward and
-    backward (PaLM appendix B; causal masking is not discounted, as is customary).
-    """
+    """`clm.model_math.flops_per_token` for a built model."""
     config = model.config
-    embedding = model.get_input_embeddings().weight.numel()
-    tied = getattr(config, "tie_word_embeddings", False)
-    matmul_params = active_params - (0 if tied else embedding)
-    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
-    return 6.0 * matmul_params + 12.0 * layers * hidden * seq_len
+    return flops_per_token(
+        active_params,
+        model.get_input_embeddings().weight.numel(),
+        getattr(config, "tie_word_embeddings", False),
+        getattr(config, "num_hidden_layers", None) or config.n_layer,
+        getattr(config, "hidden_size", None) or config.n_embd,
+        seq_len,
+    )
 
 
 class MetricsWriter:

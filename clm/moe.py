@@ -50,12 +50,12 @@ Shape legend: T tokens, D hidden, F ffn, E experts, K top-k, C capacity, S = T *
 from __future__ import annotations
 
 import importlib.util
-import math
 from collections.abc import Callable
-from fractions import Fraction
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from clm.model_math import capacity
 
 IMPLEMENTATIONS = ("hf", "dense", "dropping", "dropless")
 
@@ -190,16 +190,6 @@ def use_static_load_balancing_loss() -> None:
 
 
 # --------------------------------------------------------------------------- shared pieces
-
-
-def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """C = ceil(T * K / E * capacity_factor), exact for decimal factors, clamped to [1, T].
-
-    An expert can receive at most T assignments (a token's top-k experts are distinct), so
-    C > T would only add empty slots.
-    """
-    exact = Fraction(num_tokens * top_k, num_experts) * Fraction(str(float(capacity_factor)))
-    return max(1, min(num_tokens, math.ceil(exact)))
 
 
 def _check_layout(experts) -> None:

@@ -35,13 +35,14 @@ import math
 import re
 import sys
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
 from clm import config as config_lib
+from clm import model_math
 from clm.config import CLM_DIR, ConfigError
+from clm.model_math import capacity
 from clm.sharding import MESH_AXES, axes_of, mesh_shape, partition_spec
 
 GIB = 2**30
@@ -234,18 +235,11 @@ def count_parameters(m: ModelShape) -> tuple[int, int]:
 
 
 def flops_per_token(m: ModelShape, seq_len: int) -> float:
-    """Training FLOPs per token, as clm.metrics.training_flops_per_token (so MFUs compare):
-    6 x active matmul parameters (the input embedding is a lookup) + 12 x layers x hidden x seq.
-    """
+    """Training FLOPs per token, by the formula clm.metrics reports MFU with (so MFUs compare)."""
     _, active = count_parameters(m)
-    embedding = m.vocab * m.hidden
-    return 6.0 * (active - (0 if m.tied else embedding)) + 12.0 * m.layers * m.hidden * seq_len
-
-
-def capacity(tokens: int, top_k: int, experts: int, capacity_factor: float) -> int:
-    """clm.moe.capacity: C = ceil(T * K / E * capacity_factor), clamped to [1, T]."""
-    exact = Fraction(tokens * top_k, experts) * Fraction(str(float(capacity_factor)))
-    return max(1, min(tokens, math.ceil(exact)))
+    return model_math.flops_per_token(
+        active, m.vocab * m.hidden, m.tied, m.layers, m.hidden, seq_len
+    )
 
 
 def expert_slots_per_token(m: ModelShape, model_cfg: DictConfig, tokens: int) -> float:

@@ -75,7 +75,7 @@ class Summary:
         return self.tokens / max(self.train_seconds, 1e-9)
 
 
-def prepare_run_dir(cfg: DictConfig, backend: Backend | None = None) -> tuple[Path, Path | None]:
+def prepare_run_dir(cfg: DictConfig, backend: Backend) -> tuple[Path, Path | None]:
     """Create the run directory; returns it and the checkpoint to resume from, if any.
 
     An unfinished run with a committed checkpoint in `save_dir` is resumed (`auto_resume`): its
@@ -98,12 +98,10 @@ def prepare_run_dir(cfg: DictConfig, backend: Backend | None = None) -> tuple[Pa
             f"run_dir={run_dir} already holds a run (metrics.jsonl); choose another "
             "exp_name or pass overwrite_output_dir=true"
         )
-    if backend is not None:
-        backend.barrier()  # every process has looked before the main one changes anything
-    if backend is None or backend.is_main:
+    backend.barrier()  # every process has looked before the main one changes anything
+    if backend.is_main:
         _apply_run_dir_decision(run_dir, save_dir, int(state.get("step", 0)), resume, clear)
-    if backend is not None:
-        backend.barrier()
+    backend.barrier()
     return run_dir, last if resume else None
 
 
@@ -171,7 +169,7 @@ class Trainer:
         _, active = model_lib.count_parameters(model)
         self.flops_per_token = training_flops_per_token(model, active, cfg.max_length)
         self.peak_tflops = peak_tflops(backend.device_description(), cfg.peak_tflops_per_device)
-        self.local_rows = backend.local_data_parallel_size  # devices whose rows we compute
+        self.local_devices = backend.local_data_parallel_size  # devices whose rows we compute
         # processes that each compute their own load-balancing loss on their own rows; their
         # gradients are summed, so each adds 1/aux_groups of its aux loss (the mean over ranks)
         self.aux_groups = backend.data_parallel_size // backend.local_data_parallel_size
@@ -198,7 +196,7 @@ class Trainer:
     # ---- one optimizer step ---------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         cfg = self.cfg
-        micro = cfg.per_device_train_batch_size * self.local_rows
+        micro = cfg.per_device_train_batch_size * self.local_devices
         accum = cfg.gradient_accumulation_steps
         # the step's loss is sum(NLL) / (target tokens in the whole global batch)
         targets = (batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()

@@ -137,7 +137,6 @@ class FsdpBackend(Backend):
         # each rank computes its own rows: the batch is split over every process
         self.data_parallel_size = self.world_size
         self.local_data_parallel_size = 1
-        self.init_device = device
 
     # ---- model -----------------------------------------------------------------------------
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
