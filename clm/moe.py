@@ -213,6 +213,14 @@ def _weights_EIO(experts) -> tuple[torch.Tensor, torch.Tensor]:
     return w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
 
 
+def _weights_EOI(experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up as [E, 2F, D], down as [E, D, F]): the (out, in) layout HF stores by default."""
+    w_gate_up, w_down = experts.gate_up_proj, experts.down_proj
+    if getattr(experts, "is_transposed", False):
+        return w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
+    return w_gate_up, w_down
+
+
 def _onehot_SE(top_k_index_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[S, E] one-hot of the flattened assignments; by comparison, so XLA sees no checks."""
     experts_E = torch.arange(num_experts, device=top_k_index_TK.device)
@@ -275,10 +283,18 @@ def _scatter_rows(src_ND: torch.Tensor, index_N: torch.Tensor, rows: int) -> tor
 
 
 def _run_experts_ECD(experts, x_ECD: torch.Tensor) -> torch.Tensor:
-    """The SwiGLU experts as two batched matmuls over [E, C, D]."""
-    w_gate_up_EDF2, w_down_EFD = _weights_EIO(experts)
-    h_ECF = experts._apply_gate(torch.bmm(x_ECD, w_gate_up_EDF2))
-    return torch.bmm(h_ECF, w_down_EFD)
+    """The SwiGLU experts as two batched matmuls over [E, C, D], weight-major.
+
+    Computed as h^T = W x^T rather than h = x W^T: the same products, but autograd's weight
+    gradient dW = dh^T x then comes out in the parameter's own [E, out, in] layout. The x W^T
+    form yields it transposed, and AccumulateGrad copies every expert weight gradient into
+    the parameter's layout (measured on CPU at 4096 x 1024 x 3584 x 8: fwd+bwd of dropping
+    went from 1.43x to 1.24x the time of dropless; outputs and gradients bitwise equal).
+    """
+    w_gate_up_EF2D, w_down_EDF = _weights_EOI(experts)
+    h_EF2C = torch.bmm(w_gate_up_EF2D, x_ECD.transpose(1, 2))
+    h_ECF = experts._apply_gate(h_EF2C.transpose(1, 2))
+    return torch.bmm(w_down_EDF, h_ECF.transpose(1, 2)).transpose(1, 2)
 
 
 def _capacity_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK, capacity_: int):
