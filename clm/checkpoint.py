@@ -7,19 +7,33 @@ with `weights_only=True`). A save is first written to `step_XXXXXXXX.partial/` a
 complete: a rename is atomic, so a crash mid-save leaves the previous checkpoint as the latest
 committed one and the partial directory ignored (and replaced by the next save of that step).
 Old checkpoints are pruned only after the new one is committed.
+
+`save_dir` and `checkpoint_manager_path` may also be fsspec URLs (`gs://bucket/run/checkpoints`
+with the optional `gcs` extra; `memory://` and `file://` in the tests). Object stores have no
+rename, so there a checkpoint counts as committed only once its last object, `COMMITTED`, exists:
+the model, optimizer and trainer state are written first (directly into `step_XXXXXXXX/`), the
+marker last; pruning deletes a checkpoint's marker before its data. Saving a step that is already
+committed (the end-of-run save after the periodic one) writes to `step_XXXXXXXX.partial/` first
+and copies it over, so only that copy leaves the step uncommitted for a moment. Local saves write
+the same marker (so an uploaded save_dir is usable from the bucket) but still commit by rename,
+and decide "committed" by the name alone, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import re
 import shutil
 import warnings
 from pathlib import Path
 
+import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -32,26 +46,101 @@ from clm.errors import OutputWriteError, describe
 
 COMMITTED = re.compile(r"^step_(\d{8})$")
 TRAINER_FILE = "trainer.pt"
+COMMIT_MARKER = "COMMITTED"
+
+Location = Path | str  # a local Path, or an fsspec URL kept as a string (Path folds its "//")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the path."""
 
 
-def step_dir(save_dir: Path, step: int) -> Path:
-    return Path(save_dir) / f"step_{step:08d}"
+def is_url(where: Location) -> bool:
+    return "://" in str(where)
 
 
-def committed(save_dir: Path) -> list[Path]:
-    """Committed checkpoints, oldest first."""
-    save_dir = Path(save_dir)
-    if not save_dir.is_dir():
+def location(where: str | os.PathLike) -> Location:
+    """`where` as a local Path, or as a URL string without a trailing slash."""
+    return str(where).rstrip("/") if is_url(where) else Path(where)
+
+
+def join(where: Location, name: str) -> Location:
+    return f"{where}/{name}" if isinstance(where, str) else where / name
+
+
+def _name(where: Location) -> str:
+    return str(where).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _fs(url: str):
+    """(filesystem, path within it) of an fsspec URL; a clear error for a missing extra."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise CheckpointError(
+            f"{url}: cannot open ({e}); gs:// needs the optional 'gcs' extra (pip install gcsfs)"
+        ) from e
+
+
+def _exists(where: Location) -> bool:
+    if isinstance(where, Path):
+        return where.exists()
+    fs, path = _fs(where)
+    return fs.exists(path)
+
+
+def _remove(where: Location) -> None:
+    """Delete a checkpoint directory (a URL's commit marker first); nothing if absent."""
+    if isinstance(where, Path):
+        shutil.rmtree(where, ignore_errors=True)
+        return
+    fs, path = _fs(where)
+    marker = f"{path}/{COMMIT_MARKER}"
+    if fs.exists(marker):
+        fs.rm(marker)  # from here on the directory is ignored, whatever else remains
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def remove_tree(where: str | os.PathLike) -> None:
+    """Delete a save_dir and every checkpoint in it (overwrite_output_dir)."""
+    where = location(where)
+    if isinstance(where, Path):
+        if where.is_dir():
+            shutil.rmtree(where)
+        return
+    for ckpt in committed(where):
+        _remove(ckpt)
+    _remove(where)
+
+
+def step_dir(save_dir: Location, step: int) -> Location:
+    return join(location(save_dir), f"step_{step:08d}")
+
+
+def committed(save_dir: str | os.PathLike) -> list[Location]:
+    """Committed checkpoints, oldest first (on a URL: those with a COMMITTED marker)."""
+    save_dir = location(save_dir)
+    if isinstance(save_dir, Path):
+        if not save_dir.is_dir():
+            return []
+        found = [p for p in save_dir.iterdir() if p.is_dir() and COMMITTED.match(p.name)]
+        return sorted(found, key=lambda p: int(COMMITTED.match(p.name).group(1)))
+    fs, root = _fs(save_dir)
+    fs.invalidate_cache(root)  # gcsfs caches listings; another process may have saved
+    if not fs.isdir(root):
         return []
-    found = [p for p in save_dir.iterdir() if p.is_dir() and COMMITTED.match(p.name)]
-    return sorted(found, key=lambda p: int(COMMITTED.match(p.name).group(1)))
+    names = [_name(entry) for entry in fs.ls(root, detail=False)]
+    found = [
+        name
+        for name in names
+        if COMMITTED.match(name) and fs.exists(f"{root}/{name}/{COMMIT_MARKER}")
+    ]
+    found.sort(key=lambda name: int(COMMITTED.match(name).group(1)))
+    return [join(save_dir, name) for name in found]
 
 
-def latest(save_dir: Path) -> Path | None:
+def latest(save_dir: str | os.PathLike) -> Location | None:
     found = committed(save_dir)
     return found[-1] if found else None
 
@@ -66,15 +155,18 @@ def _quiet():
 
 
 def save(
-    save_dir: Path,
+    save_dir: str | os.PathLike,
     step: int,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict,
     keep_last_n: int = 0,
     is_main: bool = True,
-) -> Path:
-    """Write, commit (rename) and prune; returns the committed directory."""
+) -> Location:
+    """Write, commit (rename, or the marker on a URL) and prune; returns the committed directory."""
+    save_dir = location(save_dir)
+    if isinstance(save_dir, str):
+        return _save_url(save_dir, step, model, optimizer, trainer_state, keep_last_n, is_main)
     final = step_dir(save_dir, step)
     partial = final.with_name(final.name + ".partial")
     if is_main and partial.exists():
@@ -85,6 +177,7 @@ def save(
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
         if is_main:
             torch.save(trainer_state, partial / TRAINER_FILE)
+            (partial / COMMIT_MARKER).write_text(_marker(step))
             _fsync_dir(partial)
     except (OSError, RuntimeError, CheckpointException) as e:  # disk full, quota, size limit
         if is_main:
@@ -106,16 +199,106 @@ def save(
     return final
 
 
-def save_model(directory: Path, model: torch.nn.Module) -> Path:
+def _marker(step: int | None) -> str:
+    return json.dumps({"step": step}) + "\n"
+
+
+def _write_bytes(url: str, data: bytes) -> None:
+    fs, path = _fs(url)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def _trainer_bytes(trainer_state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(trainer_state, buffer)
+    return buffer.getvalue()
+
+
+def _url_reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _save_url(
+    save_dir: str,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    keep_last_n: int,
+    is_main: bool,
+) -> str:
+    """save() on an object store: data first, the COMMITTED marker last (no rename there).
+
+    Every process decides from the same marker whether the step is already committed before
+    the main one changes anything (it changes nothing until dcp.save's collectives are done).
+    """
+    final = step_dir(save_dir, step)
+    resave = _exists(join(final, COMMIT_MARKER))
+    target = f"{final}.partial" if resave else final  # never write into a committed step
+    if is_main:
+        _remove(target)  # a leftover of a crash during an earlier save of this step
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    try:
+        with _quiet():
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd},
+                storage_writer=FsspecWriter(target, sync_files=False),
+            )
+        if is_main:
+            _write_bytes(join(target, TRAINER_FILE), _trainer_bytes(trainer_state))
+            if resave:
+                _remove(final)  # marker first: the step is uncommitted during the copy
+                _copy_tree(target, final)
+            _write_bytes(join(final, COMMIT_MARKER), _marker(step).encode())
+    except (OSError, RuntimeError, CheckpointException, CheckpointError) as e:
+        if is_main:
+            with contextlib.suppress(Exception):
+                _remove(target)
+        previous = committed(save_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "none kept"
+        raise OutputWriteError(
+            f"{final}: could not write the checkpoint ({_url_reason(e)}); {kept}; "
+            "rerun the same command to resume"
+        ) from e
+    if is_main:
+        if resave:
+            _remove(target)
+        if keep_last_n > 0:
+            for old in committed(save_dir)[:-keep_last_n]:
+                _remove(old)
+    return final
+
+
+def _copy_tree(source: str, dest: str) -> None:
+    fs, src = _fs(source)
+    _, dst = _fs(dest)
+    for path in fs.find(src):
+        target = dst + path[len(src) :]
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)  # a no-op on object stores
+        fs.copy(path, target)
+
+
+def save_model(directory: str | os.PathLike, model: torch.nn.Module) -> Location:
     """Model weights alone, as a checkpoint that `checkpoint_manager_path` can start from."""
-    directory = Path(directory)
-    if directory.exists():
+    directory = location(directory)
+    if _exists(directory):
         raise CheckpointError(f"{directory}: already exists; choose a new output directory")
+    if isinstance(directory, str):
+        with _quiet():
+            dcp.save(
+                {"model": get_model_state_dict(model)},
+                storage_writer=FsspecWriter(directory, sync_files=False),
+            )
+        _write_bytes(join(directory, COMMIT_MARKER), _marker(None).encode())
+        return directory
     partial = directory.with_name(directory.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
     with _quiet():
         dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(partial))
+    (partial / COMMIT_MARKER).write_text(_marker(None))
     _fsync_dir(partial)
     os.replace(partial, directory)
     return directory
@@ -142,26 +325,41 @@ def _cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
-def has_optimizer_state(path: Path) -> bool:
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+def _reader(path: Location):
+    return FsspecReader(path) if isinstance(path, str) else dcp.FileSystemReader(str(path))
+
+
+def has_optimizer_state(path: str | os.PathLike) -> bool:
+    metadata = _reader(location(path)).read_metadata()
     return any(key.startswith("optim") for key in metadata.state_dict_metadata)
 
 
-def read_trainer_state(path: Path) -> dict:
+def read_trainer_state(path: str | os.PathLike) -> dict:
     """The trainer state of a checkpoint ({} when it has none), without touching the model."""
-    trainer_file = Path(path) / TRAINER_FILE
-    if not trainer_file.is_file():
-        return {}
+    trainer_file = join(location(path), TRAINER_FILE)
     try:
-        return torch.load(trainer_file, weights_only=True)
+        if isinstance(trainer_file, Path):
+            if not trainer_file.is_file():
+                return {}
+            return torch.load(trainer_file, weights_only=True)
+        fs, file_path = _fs(trainer_file)
+        if not fs.isfile(file_path):
+            return {}
+        with fs.open(file_path, "rb") as f:
+            return torch.load(io.BytesIO(f.read()), weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{trainer_file}: unreadable ({type(e).__name__}: {e})") from e
 
 
-def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def restore(
+    path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict:
     """Load model (and optimizer when given) in place; returns the trainer state (or {})."""
-    path = Path(path)
-    if not (path / ".metadata").is_file():
+    path = location(path)
+    metadata = join(path, ".metadata")
+    if not (metadata.is_file() if isinstance(metadata, Path) else _exists(metadata)):
         raise CheckpointError(f"{path}: not a checkpoint (no .metadata)")
     try:
         if optimizer is not None and not has_optimizer_state(path):
@@ -172,7 +370,7 @@ def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         else:
             state = {"model": get_model_state_dict(model)}
         with _quiet():
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=_reader(path))
     except (Exception, CheckpointException) as e:  # the latter is a BaseException
         raise CheckpointError(f"{path}: unreadable checkpoint ({_cause(e)})") from e
     if optimizer is not None:

@@ -3,7 +3,12 @@
 `model.config_path` builds a randomly initialized model: parameters are created on the meta
 device (no memory), then materialized on the target device and initialized there, so a large
 model is never built twice on the host. `model.name_or_path` without a config_path loads a
-pretrained local directory (safetensors only, no remote code).
+pretrained local directory (safetensors only, no remote code) the same way: meta init, then each
+tensor is read from its shard straight into the parameter's memory (`load_safetensors`: the
+header's offsets, `readinto`, no mmap and no intermediate copy unless the dtype changes), so the
+host holds one copy of the model, not the model plus the checkpoint. Mixtral's original layout
+(`block_sparse_moe.experts.{e}.w1/w2/w3`) is fused on the fly into transformers 5's
+`mlp.experts.gate_up_proj` ([E, 2I, H], w1 then w3) and `down_proj` ([E, H, I]).
 
 Losses follow the reference: next-token NLL, token-mean over unmasked labels; in training the
 Switch load-balancing loss times `router_aux_loss_coef` is added (eval reports the NLL alone).
@@ -12,17 +17,32 @@ Switch load-balancing loss times `router_aux_loss_coef` is added (eval reports t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import initialization as hf_init
 
 from clm.config import resolve_config_file
 from clm.data import IGNORE_INDEX
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def build_hf_config(model_cfg: DictConfig) -> PretrainedConfig:
@@ -68,32 +88,57 @@ def check_safetensors(directory: Path) -> list[Path]:
             f"{directory}: no *.safetensors files (pickle *.bin checkpoints are not loaded; "
             "convert them to safetensors)"
         )
-    for path in files:
-        size = path.stat().st_size
+    index = directory / INDEX_FILE
+    if index.is_file():  # a shard the index names but the directory lacks
         try:
-            with open(path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                if header_len <= 0 or 8 + header_len > size:
-                    raise ValueError("header length out of range")
-                header = json.loads(f.read(header_len))
-            data_end = max(
-                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                default=0,
-            )
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
-        if 8 + header_len + data_end != size:
-            raise ValueError(
-                f"{path}: truncated or corrupt safetensors file ({size} bytes, header says "
-                f"{8 + header_len + data_end})"
-            )
+            named = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: corrupt index ({e})") from e
+        for name in sorted(named):
+            if not (directory / name).is_file():
+                raise ValueError(f"{directory / name}: missing shard (named in {INDEX_FILE})")
+    for path in files:
+        safetensors_header(path)
     return files
 
 
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset where the data starts, header) of a safetensors file, checked whole."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(header_len))
+        data_end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt safetensors file ({e})") from e
+    if 8 + header_len + data_end != size:
+        raise ValueError(
+            f"{path}: truncated or corrupt safetensors file ({size} bytes, header says "
+            f"{8 + header_len + data_end})"
+        )
+    header.pop("__metadata__", None)
+    return 8 + header_len, header
+
+
 def load_pretrained(name_or_path: str, config: PretrainedConfig, dtype: torch.dtype):
-    """A local HF checkpoint: safetensors only, no remote code, nothing downloaded."""
+    """A local HF checkpoint: safetensors only, no remote code, nothing downloaded.
+
+    A directory loads with `load_safetensors` (one copy of the model in memory); a name found
+    only in the local HF cache goes through transformers' `from_pretrained`.
+    """
     if Path(name_or_path).is_dir():
-        check_safetensors(Path(name_or_path))
+        files = check_safetensors(Path(name_or_path))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.to_empty(device="cpu")
+        load_safetensors(model, files)
+        return model
     return AutoModelForCausalLM.from_pretrained(
         name_or_path,
         config=config,
@@ -102,6 +147,106 @@ def load_pretrained(name_or_path: str, config: PretrainedConfig, dtype: torch.dt
         use_safetensors=True,
         trust_remote_code=False,
     )
+
+
+_FUSED_EXPERTS = re.compile(r"^(.*)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def _pieces(name: str, tensor: torch.Tensor, prefix: str) -> list[list[tuple[torch.Tensor, str]]]:
+    """Ways to fill `tensor` (model name `name`): lists of (region of it, checkpoint key)."""
+    names = [name]
+    if prefix and name.startswith(prefix + "."):
+        names.append(name[len(prefix) + 1 :])  # checkpoints saved from the base model
+    ways = [[(tensor, n)] for n in names]
+    ways += [[(tensor, n.replace(".mlp.gate.", ".block_sparse_moe.gate."))] for n in names]
+    fused = _FUSED_EXPERTS.match(name)
+    if fused:  # Mixtral's original per-expert layout
+        experts = fused.group(1) + ".block_sparse_moe.experts"
+        if fused.group(2) == "gate_up_proj":  # [E, 2I, H]: w1 (gate) rows, then w3 (up) rows
+            half = tensor.shape[1] // 2
+            ways.append(
+                [
+                    (tensor[e, w * half : (w + 1) * half], f"{experts}.{e}.w{n}.weight")
+                    for e in range(tensor.shape[0])
+                    for w, n in ((0, 1), (1, 3))
+                ]
+            )
+        else:  # down_proj [E, H, I]
+            ways.append([(tensor[e], f"{experts}.{e}.w2.weight") for e in range(tensor.shape[0])])
+    return ways
+
+
+@torch.no_grad()
+def load_safetensors(model: PreTrainedModel, files: list[Path]) -> None:
+    """Fill a materialized (e.g. `to_empty`) model from safetensors shards, tensor by tensor.
+
+    Each tensor's bytes are read at the header's offsets straight into the parameter (or into a
+    one-tensor buffer when the dtype differs, then cast): no mmap, no state dict, no pickle. A
+    parameter the shards lack, a shape mismatch or a short read raises ValueError naming it
+    and the file. Non-persistent buffers (rotary frequencies) are recomputed, tied weights
+    re-tied.
+    """
+    where: dict[str, tuple[Path, int, dict]] = {}
+    for path in files:
+        start, header = safetensors_header(path)
+        for key, entry in header.items():
+            if key in where:
+                raise ValueError(f"{path}: tensor {key} is also in {where[key][0]}")
+            where[key] = (path, start, entry)
+    model.tie_weights()  # to_empty unties shared parameters: one tensor per group again
+    tensors: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():  # params, persistent buffers
+        tensors.setdefault(id(tensor), (name, tensor))
+    reads: dict[Path, list[tuple[torch.Tensor, str]]] = {}
+    missing = []
+    for name, tensor in tensors.values():
+        for way in _pieces(name, tensor, model.base_model_prefix):
+            if all(key in where for _, key in way):
+                for region, key in way:
+                    reads.setdefault(where[key][0], []).append((region, key))
+                break
+        else:
+            missing.append(name)
+    if missing:
+        directory = files[0].parent
+        raise ValueError(
+            f"{directory}: no weights for {len(missing)} of the model's tensors, e.g. "
+            f"{', '.join(missing[:3])} (is it a checkpoint of this architecture?)"
+        )
+    for path, items in reads.items():
+        items.sort(key=lambda item: where[item[1]][2]["data_offsets"][0])  # sequential reads
+        with open(path, "rb") as f:
+            for region, key in items:
+                _read_tensor(f, path, where[key][1], key, where[key][2], region)
+    for _, tensor in tensors.values():
+        tensor._is_hf_initialized = True  # HF's init below leaves loaded tensors alone
+    with hf_init.guard_torch_init_functions():
+        for module in model.modules():
+            if module._non_persistent_buffers_set:  # e.g. rotary inv_freq: not in checkpoints
+                model._init_weights(module)
+    model.tie_weights()
+
+
+def _read_tensor(f, path: Path, start: int, key: str, entry: dict, region: torch.Tensor) -> None:
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ValueError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}")
+    if list(region.shape) != list(entry["shape"]):
+        raise ValueError(
+            f"{path}: tensor {key} has shape {entry['shape']}, the model expects "
+            f"{list(region.shape)}"
+        )
+    begin, end = entry["data_offsets"]
+    direct = dtype == region.dtype and region.is_contiguous()
+    target = region if direct else torch.empty(region.shape, dtype=dtype)
+    buffer = target.reshape(-1).view(torch.uint8).numpy()
+    if end - begin != buffer.nbytes:
+        raise ValueError(f"{path}: tensor {key} has {end - begin} bytes, expected {buffer.nbytes}")
+    f.seek(start + begin)
+    if f.readinto(buffer) != buffer.nbytes:
+        raise ValueError(f"{path}: truncated while reading tensor {key}")
+    if not direct:
+        region.copy_(target)
 
 
 def is_moe(config: PretrainedConfig) -> bool:

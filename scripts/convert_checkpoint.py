@@ -11,7 +11,9 @@
 The checkpoint is written with torch.distributed.checkpoint, which reshards on load: the same
 files restore on any mesh (tensor_parallelism, expert_parallelism, device count). Weights are
 read with safetensors only (no pickle, no remote code). The HF side is loaded on one host, so
-converting 8x22B needs a host with ~300 GB of memory; local paths only.
+converting 8x22B needs a host with ~300 GB of memory. The HF directories are local; the
+checkpoint side (hf-to-dcp's output, dcp-to-hf's input) may also be an fsspec URL, e.g.
+`gs://bucket/ckpt/mixtral822` with the optional `gcs` extra (pip install gcsfs).
 """
 
 from __future__ import annotations
@@ -32,13 +34,18 @@ from clm import checkpoint  # noqa: E402
 from clm.model import DTYPES, load_pretrained  # noqa: E402
 
 
-def hf_to_dcp(hf_dir: Path, out: Path, dtype: str) -> Path:
+def hf_to_dcp(hf_dir: Path, out: str | Path, dtype: str) -> checkpoint.Location:
     config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     model = load_pretrained(str(hf_dir), config, DTYPES[dtype])
     return checkpoint.save_model(out, model)
 
 
-def dcp_to_hf(source: Path, out: Path, config_path: Path, dtype: str) -> Path:
+def dcp_to_hf(source: str | Path, out: str | Path, config_path: Path, dtype: str) -> Path:
+    if checkpoint.is_url(out):
+        raise ValueError(f"{out}: dcp-to-hf writes a local directory (upload it afterwards)")
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out}: already exists; choose a new output directory")
     if config_path.is_dir():
         config = AutoConfig.from_pretrained(config_path, local_files_only=True)
     else:
@@ -49,9 +56,7 @@ def dcp_to_hf(source: Path, out: Path, config_path: Path, dtype: str) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     model.to_empty(device="cpu")
     model.init_weights()  # rotary buffers; every parameter is then overwritten by the restore
-    checkpoint.restore(checkpoint.latest(source) or source, model, None)
-    if out.exists():
-        raise SystemExit(f"error: {out}: already exists; choose a new output directory")
+    checkpoint.restore(checkpoint.latest(source) or checkpoint.location(source), model, None)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer = config_path / "tokenizer.model" if config_path.is_dir() else None
     if tokenizer is not None and tokenizer.is_file():
@@ -64,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="direction", required=True)
     a = sub.add_parser("hf-to-dcp", help="HF safetensors directory -> checkpoint")
     a.add_argument("hf_dir", type=Path)
-    a.add_argument("out", type=Path)
+    a.add_argument("out", help="checkpoint directory: a local path or an fsspec URL (gs://)")
     b = sub.add_parser("dcp-to-hf", help="checkpoint (or save_dir) -> HF safetensors directory")
-    b.add_argument("checkpoint", type=Path)
-    b.add_argument("out", type=Path)
+    b.add_argument("checkpoint", help="a local path or an fsspec URL (gs://)")
+    b.add_argument("out", help="HF output directory (local)")
     b.add_argument("--config", type=Path, required=True, help="model JSON or HF directory")
     for p in (a, b):
         p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")

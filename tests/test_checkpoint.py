@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import fsspec
 import pytest
 import torch
 from conftest import RUN_CLM, clean_env
 
 from clm import checkpoint
+from clm.config import CLM_DIR
 from clm.metrics import read_metrics
 
 
@@ -62,6 +66,35 @@ def test_corrupt_checkpoint_names_the_path_and_the_previous_one_loads(tmp_path):
         checkpoint.restore(tmp_path, *tiny(1))
 
 
+@pytest.mark.parametrize("protocol", ["memory", "file"])
+def test_url_save_dir_commits_by_marker_prunes_and_restores(tmp_path, protocol):
+    """On an fsspec URL (gs:// in production) a checkpoint counts once its COMMITTED marker
+    exists: no rename there. memory:// and file:// are real fsspec filesystems."""
+    root = f"memory://{tmp_path.name}/ckpts" if protocol == "memory" else f"file://{tmp_path}/c"
+    fs, path = fsspec.core.url_to_fs(root)
+    model, opt = tiny(0)
+    for step in (1, 2, 3):
+        checkpoint.save(root, step, model, opt, {"step": step}, keep_last_n=2)
+    # the same step again (the end-of-run save): written aside, then copied over
+    checkpoint.save(root + "/", 3, model, opt, {"step": 3, "finished": True}, keep_last_n=2)
+    checkpoint.save(root, 4, model, opt, {"step": 4}, keep_last_n=0)
+    fs.rm(f"{path}/step_00000004/{checkpoint.COMMIT_MARKER}")  # as if it crashed before it
+    assert fs.exists(f"{path}/step_00000004/.metadata")
+    assert checkpoint.committed(root) == [f"{root}/step_00000002", f"{root}/step_00000003"]
+    assert not fs.exists(f"{path}/step_00000001") and not fs.exists(f"{path}/step_00000003.partial")
+
+    other, other_opt = tiny(1)
+    state = checkpoint.restore(checkpoint.latest(root), other, other_opt)
+    assert state == {"step": 3, "finished": True}
+    assert checkpoint.read_trainer_state(f"{root}/step_00000002") == {"step": 2}
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+    checkpoint.save(root, 4, model, opt, {"step": 4}, keep_last_n=2)  # replaces the leftover
+    assert checkpoint.latest(root) == f"{root}/step_00000004"
+    checkpoint.remove_tree(root)
+    assert checkpoint.committed(root) == [] and not fs.exists(path)
+
+
 ARGS = [
     "max_length=128",
     "n_eval_examples=20",
@@ -74,19 +107,38 @@ ARGS = [
 ]
 
 
-def command(out):
-    return [sys.executable, str(RUN_CLM), f"output_dir={out}", *ARGS]
+def command(out, train_data=None):
+    data = [f"dataset.train_dataset_path={train_data}"] if train_data else []
+    return [sys.executable, str(RUN_CLM), f"output_dir={out}", *ARGS, *data]
+
+
+def corrupt_consumed_records(position):
+    """Make every record the checkpointed steps consumed unparsable (same line count): a resume
+    that replayed (re-read and re-tokenized) them would stop with a DataError."""
+    assert position["epoch"] == 0 and position["shard"] == 0, position  # no earlier shard
+    shard = position["shard_file"]
+    with gzip.open(shard, "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    consumed = position["line"]
+    assert 0 < consumed < len(lines)
+    lines[:consumed] = ["{consumed: not JSON any more"] * consumed
+    with gzip.open(shard, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     env = clean_env(tmp_path)
+    train_data = tmp_path / "train_data"  # a copy: the resume below corrupts what it consumed
+    train_data.mkdir()
+    for shard in (CLM_DIR / "sample_data").glob("c4-train.*"):
+        shutil.copy(shard, train_data)
     straight = tmp_path / "straight"
     subprocess.run(command(straight), env=env, check=True, capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
     run_dir = killed / "embedded_default"
     proc = subprocess.Popen(
-        command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command(killed, train_data), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 600
     while time.time() < deadline:  # kill after the step-4 save, in the middle of step 5-7
@@ -99,10 +151,15 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "checkpoints" / "step_00000012").exists()
+    resume_from = checkpoint.latest(run_dir / "checkpoints")
+    corrupt_consumed_records(checkpoint.read_trainer_state(resume_from)["data"])
 
-    again = subprocess.run(command(killed), env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        command(killed, train_data), env=env, capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stderr
-    assert "restored" in again.stdout
+    assert f"restored {resume_from} (step " in again.stdout
+    assert "data stream: epoch 0, " in again.stdout  # from the saved position, not a replay
     assert "Stopped at max_steps=14: 14 steps, 14,336 tokens, " in again.stdout
     assert "in this process (resumed at step " in again.stdout
 
@@ -137,3 +194,37 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     assert "restored" not in fresh.stdout
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3, 4]
     assert [p.name for p in checkpoint.committed(run_dir / "checkpoints")] == ["step_00000004"]
+
+
+def test_a_run_saves_to_and_restores_from_a_url(tmp_path):
+    """save_dir and checkpoint_manager_path as fsspec URLs (file:// here, a real fsspec
+    filesystem that two processes share): saved, pruned, restored, going on exactly."""
+    env = clean_env(tmp_path)
+    url = f"file://{tmp_path}/bucket/ckpts"
+    base = [sys.executable, str(RUN_CLM), *ARGS, "max_steps=3", "keep_last_n=2"]
+    first = subprocess.run(
+        [*base, f"output_dir={tmp_path / 'a'}", f"save_dir={url}", "save_frequency=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert first.returncode == 0, first.stderr
+    assert checkpoint.committed(url) == [f"{url}/step_00000002", f"{url}/step_00000003"]
+    step2 = f"{url}/step_00000002"
+
+    second = subprocess.run(
+        [*base, f"output_dir={tmp_path / 'b'}", f"checkpoint_manager_path={step2}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert second.returncode == 0, second.stderr
+    assert f"restored {step2} (step 2)" in second.stdout
+    assert "data stream: epoch 0, " in second.stdout
+    expected = read_metrics(tmp_path / "a" / "embedded_default")
+    resumed = read_metrics(tmp_path / "b" / "embedded_default")
+    for key in ("train/loss", "train/grad_norm", "train/lr"):
+        want = [(r["step"], r[key]) for r in expected if key in r and r["step"] > 2]
+        assert [(r["step"], r[key]) for r in resumed if key in r] == want, key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import json
 import shutil
@@ -139,3 +140,129 @@ def test_missing_shard_and_empty_validation(tmp_path, tokenizer):
     empty.write_text("")
     with pytest.raises(data.DataError, match="validation set is empty"):
         data.load_eval_set(str(empty), tokenizer, 16, 2, 2)
+
+
+def small_shards(directory, docs_per_shard=(20, 14, 26), bad_line=None):
+    """Three shards of real sample text, with blank lines (and optionally one bad record)."""
+    texts = iter(sample_texts(sum(docs_per_shard)))
+    files = []
+    for i, count in enumerate(docs_per_shard):
+        lines = []
+        for j in range(count):
+            lines.append(json.dumps({"text": next(texts)}))
+            if j % 7 == 3:
+                lines.append("")  # blank lines count as lines of the file, not as records
+            if (i, j) == bad_line:
+                lines.append("{not json")
+        path = directory / (data.train_shard_name(768 + i) + ".gz")
+        write_gz(path, lines)
+        files.append(str(path))
+    return files
+
+
+def saved(position):
+    """The position as a checkpoint holds it: torch.save, then torch.load(weights_only=True)."""
+    buffer = io.BytesIO()
+    torch.save(position, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_saved_position_continues_with_exactly_the_remaining_blocks(tmp_path, tokenizer, streaming):
+    files = small_shards(tmp_path, bad_line=(1, 5))
+
+    def stream():
+        return data.TrainStream(
+            files, tokenizer, 64, 7, streaming=streaming, shuffle_buffer_size=16,
+            skip_bad_records=True,
+        )  # fmt: skip
+
+    reference = stream()
+    blocks = reference.blocks()
+    positions, expected = [None], []  # positions[k]: after k blocks (None: not started)
+    for _ in range(600):  # about three epochs
+        expected.append(next(blocks))
+        positions.append(saved(blocks.state_dict()))
+    if streaming:  # stop points: start, mid shard, each shard boundary, draining, each epoch
+        keys = [None] + [(p["epoch"], p["shard"], p["draining"]) for p in positions[1:600]]
+        stops = sorted({keys.index(key) for key in keys} | {5, 40})
+        assert {(0, 0, False), (0, 1, False), (0, 2, False), (0, 3, True), (1, 0, False)} <= set(
+            keys[k] for k in stops
+        )
+        assert any(
+            k and len(positions[k]["buffer"]) == 16 and len(positions[k]["tokens"]) for k in stops
+        )
+    else:
+        keys = [None] + [p["epoch"] for p in positions[1:600]]
+        stops = sorted({keys.index(key) for key in keys} | {5, keys.index(1) - 1})
+        assert len(stops) >= 4
+    for k in stops:
+        resumed = stream()
+        rest = resumed.blocks(skip=k, position=positions[k])
+        assert list(itertools.islice(rest, 600 - k)) == expected[k:], k
+        assert resumed.skipped_records == reference.skipped_records, k
+    # the bad record: once per epoch streaming, once in all in memory (read once)
+    assert reference.skipped_records > 1 if streaming else reference.skipped_records == 1
+
+
+class CountingTokenizer(Tokenizer):
+    def encode(self, texts):
+        self.texts = getattr(self, "texts", []) + list(texts)
+        return super().encode(texts)
+
+
+def test_resume_from_a_position_reads_nothing_it_consumed(tmp_path, tokenizer):
+    """The records consumed before the position are made unparsable once it is saved: the replay
+    fallback fails on them; the position skips them unparsed and tokenizes only what follows."""
+    files = small_shards(tmp_path, docs_per_shard=(60, 60, 60))
+
+    def stream(tok=tokenizer):
+        return data.TrainStream(files, tok, 64, 7, shuffle_buffer_size=16)
+
+    blocks = stream().blocks()
+    for _ in range(2000):
+        next(blocks)
+        position = saved(blocks.state_dict())
+        if position["shard"] == 1 and position["line"] > 10:
+            break
+    k = position["blocks"]
+    expected = list(itertools.islice(blocks, 30))
+    consumed = position["line"]
+    with gzip.open(position["shard_file"], "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    following = next(json.loads(x)["text"] for x in lines[consumed:] if x.strip())
+    lines[:consumed] = ["{consumed"] * consumed
+    write_gz(position["shard_file"], lines)
+    for other in files:  # the shard consumed before it (and the one after, not needed here)
+        if other != position["shard_file"]:
+            write_gz(other, ["{consumed"] * 80)
+
+    with pytest.raises(data.DataError, match="not a JSON line"):
+        next(stream().blocks(skip=k))  # a replay reads (and would re-tokenize) them again
+    counting = CountingTokenizer(tokenizer.path)
+    resumed = stream(counting).blocks(skip=k, position=position)
+    assert list(itertools.islice(resumed, 30)) == expected
+    assert counting.texts[0] == following  # the first record after the position, then on
+    assert len(counting.texts) <= data.TOKENIZE_BATCH  # one read-ahead batch, no replay
+
+
+def test_position_with_other_settings_replays_and_a_changed_file_is_named(tmp_path, tokenizer):
+    files = small_shards(tmp_path)
+    blocks = data.TrainStream(files, tokenizer, 64, 7, shuffle_buffer_size=16).blocks()
+    expected = [next(blocks) for _ in range(50)]
+    position = saved(blocks.state_dict())
+
+    other = data.TrainStream(files, tokenizer, 64, 7, shuffle_buffer_size=8)
+    with pytest.warns(
+        UserWarning, match="saved with shuffle_buffer_size=16, this run has shuffle_buffer_size=8"
+    ):
+        rest = other.blocks(skip=20, position=position)
+    assert next(rest) == list(itertools.islice(other.blocks(), 21))[20]
+    same = data.TrainStream(files, tokenizer, 64, 7, shuffle_buffer_size=16)
+    with pytest.warns(UserWarning, match="after 50 blocks, the checkpoint's step after 20"):
+        assert next(same.blocks(skip=20, position=position)) == expected[20]
+
+    write_gz(position["shard_file"], ['{"text": "one short record"}'])
+    with pytest.raises(data.DataError, match="fewer than the saved data position"):
+        list(itertools.islice(same.blocks(skip=50, position=position), 50))

@@ -1,0 +1,99 @@
+"""Peak host memory of loading an HF safetensors Mixtral: clm's loader vs transformers'.
+
+    python scripts/measure_load_rss.py /tmp/mixtral-86m            # writes it first if absent
+    python scripts/measure_load_rss.py /tmp/mixtral-86m --dtype bfloat16
+    python scripts/measure_load_rss.py /tmp/mixtral-86m-bf16 --save-dtype bfloat16 --dtype bfloat16
+
+Each load runs in a fresh process; it prints the peak RSS (VmHWM) above the RSS after imports,
+and what stays resident after the load (anonymous memory vs pages of mapped files).
+`clm` is `clm.model.load_pretrained` (meta init, then each tensor read into its parameter);
+`hf` is `AutoModelForCausalLM.from_pretrained`, the loader clm used before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def status(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def write_model(directory: Path, dtype: str) -> None:
+    """A Mixtral of 86M parameters (330 MB in fp32), saved in shards in the original layout."""
+    import torch
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    model.save_pretrained(directory, max_shard_size="100MB")
+
+
+def measure(directory: str, dtype: str, loader: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from clm import model as model_lib
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    before = {key: status(key) for key in ("VmRSS:", "RssAnon:", "RssFile:")}
+    start = time.perf_counter()
+    if loader == "clm":
+        model = model_lib.load_pretrained(directory, config, model_lib.DTYPES[dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, config=config, dtype=model_lib.DTYPES[dtype], local_files_only=True
+        )
+    seconds = time.perf_counter() - start
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    peak = status("VmHWM:") - before["VmRSS:"]
+    anon = status("RssAnon:") - before["RssAnon:"]
+    files = status("RssFile:") - before["RssFile:"]
+    print(
+        f"{loader:3s} {dtype:8s} model {size:5.0f} MiB: peak +{peak:5.0f} MiB "
+        f"({peak / size:.2f}x); resident after: anon +{anon:.0f}, mapped files +{files:.0f} MiB; "
+        f"{seconds:.1f} s",
+        flush=True,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--loader", choices=["clm", "hf"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.loader:
+        measure(str(args.directory), args.dtype, args.loader)
+        return 0
+    if not args.directory.exists():
+        write_model(args.directory, args.save_dtype)
+    for loader in ("hf", "clm"):
+        command = [sys.executable, __file__, str(args.directory), "--dtype", args.dtype]
+        subprocess.run([*command, "--loader", loader], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
