@@ -23,6 +23,7 @@ EVAL_EVERY_TOKENS = 24576 * 2048
 
 BACKENDS = ("auto", "cpu", "cuda", "xla")
 XLA_RECOMPILE = ("warn", "error", "ignore")
+XLA_ATTENTION = ("auto", "flash", "sdpa")  # clm.attention.CHOICES (torch-free here)
 OPTIMIZERS = ("ADAMW_TORCH", "ADAMW_TORCH_XLA")
 SCHEDULERS = ("WarmupHoldPolicy", "CosineAnnealing")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -80,6 +81,10 @@ def validate(cfg: DictConfig) -> None:
     _check(
         cfg.get("xla_recompile", "warn") in XLA_RECOMPILE,
         f"xla_recompile={cfg.get('xla_recompile')}: must be one of {', '.join(XLA_RECOMPILE)}",
+    )
+    _check(
+        cfg.get("xla_attention", "auto") in XLA_ATTENTION,
+        f"xla_attention={cfg.get('xla_attention')}: must be one of {', '.join(XLA_ATTENTION)}",
     )
     for key in (
         "per_device_train_batch_size",
@@ -143,6 +148,12 @@ def validate(cfg: DictConfig) -> None:
         _check(int(cfg[key]) >= 0, f"{key}={cfg[key]}: must be >= 0 (0: off)")
     for key in ("tensor_parallelism", "expert_parallelism", "context_parallelism"):
         _check(int(cfg[key]) >= 1, f"{key}={cfg[key]}: must be >= 1")
+    slices = cfg.get("num_slices", 1)
+    _check(
+        isinstance(slices, int) and not isinstance(slices, bool) and slices >= 1,
+        f"num_slices={slices}: must be a positive integer (TPU slices; it must also divide the "
+        "device count, checked when the devices are known)",
+    )
 
 
 # key names ending like these hold secrets (hf_token, db_password, ...; not pad_token_id)

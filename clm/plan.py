@@ -5,12 +5,12 @@
 
 It takes the Hydra overrides of a run, composes, validates and finalizes them with the same
 `clm.config` helpers as `run_clm.py`, and adds planner-only arguments (removed before composing,
-since the config is struct-mode):
+since the config is struct-mode). `num_slices=K` (slices joined over the data-center network,
+default 1) is the run's own config key, so the planner checks it as the run would.
 
     slice=NAME        v5p-N, v4-N (N counts TensorCores, 2 per chip: v5p-128 is 64 chips),
                       v5e-N or v5litepod-N, v6e-N (N counts chips), h100-N, h200-N (N GPUs;
                       "8xH100" and "H100 x 8" work too). Required.
-    num_slices=K      slices joined over the data-center network (default 1)
     mfu=F             model FLOPs utilization assumed for the time estimate (default 0.35)
     hbm_reserve=F     share of HBM left to the runtime, the compiled program and fragmentation
                       (default 0.10)
@@ -47,7 +47,7 @@ from clm.sharding import MESH_AXES, axes_of, mesh_shape, partition_spec
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-PLANNER_KEYS = ("slice", "num_slices", "mfu", "hbm_reserve", "attention")
+PLANNER_KEYS = ("slice", "mfu", "hbm_reserve", "attention")
 DEFAULT_MFU = 0.35
 DEFAULT_HBM_RESERVE = 0.10
 ATTENTION = ("flash", "math")
@@ -479,9 +479,10 @@ def _number(planner: dict[str, str], key: str, default: float, ok, rule: str) ->
     return value
 
 
-def _mesh(devices: int, tensor: int, expert: int) -> dict[str, int]:
-    """The mesh's axis sizes by name; ConfigError when tensor x expert does not divide."""
-    return dict(zip(MESH_AXES, mesh_shape(devices, tensor, expert), strict=True))
+def _mesh(devices: int, tensor: int, expert: int, num_slices: int = 1) -> dict[str, int]:
+    """The mesh's axis sizes by name; ConfigError when tensor x expert does not divide, or
+    num_slices does not divide fsdp (the XLA backend's rule)."""
+    return dict(zip(MESH_AXES, mesh_shape(devices, tensor, expert, num_slices), strict=True))
 
 
 def _accumulation(cfg: DictConfig, data_parallel: int, user_set: bool) -> tuple[int, bool]:
@@ -500,9 +501,6 @@ def plan(argv: list[str]) -> Plan:
     if "slice" not in planner:
         raise ConfigError(f"slice=NAME is required (e.g. slice=v5p-512); {SLICE_HELP}")
     slice_ = parse_slice(planner["slice"])
-    num_slices = int(
-        _number(planner, "num_slices", 1, lambda v: v >= 1 and v == int(v), "an integer >= 1")
-    )
     mfu = _number(planner, "mfu", DEFAULT_MFU, lambda v: 0 < v <= 1, "must be in (0, 1]")
     reserve = _number(
         planner, "hbm_reserve", DEFAULT_HBM_RESERVE, lambda v: 0 <= v < 1, "must be in [0, 1)"
@@ -513,10 +511,11 @@ def plan(argv: list[str]) -> Plan:
 
     cfg = compose(overrides)
     config_lib.validate(cfg)
+    num_slices = int(cfg.num_slices)
     shape = load_model_shape(cfg.model)
     user_set = any(o.lstrip("+~").split("=")[0] == "gradient_accumulation_steps" for o in overrides)
     devices = slice_.chips * num_slices
-    mesh = _mesh(devices, int(cfg.tensor_parallelism), int(cfg.expert_parallelism))
+    mesh = _mesh(devices, int(cfg.tensor_parallelism), int(cfg.expert_parallelism), num_slices)
     dp = mesh["fsdp"] * mesh["expert"]
     accumulation, derived = _accumulation(cfg, dp, user_set)
     batch_fixed = cfg.global_train_batch_size is not None
@@ -581,7 +580,10 @@ def _smallest_fit(cfg, shape, slice_, num_slices, usable, attention, user_set, b
     while chips <= slice_.chip.max_chips:
         try:
             mesh = _mesh(
-                chips * num_slices, int(cfg.tensor_parallelism), int(cfg.expert_parallelism)
+                chips * num_slices,
+                int(cfg.tensor_parallelism),
+                int(cfg.expert_parallelism),
+                num_slices,
             )
         except ConfigError:
             chips *= 2

@@ -7,6 +7,15 @@ Mesh axes ("fsdp", "tensor", "expert"): fsdp = devices / (tensor_parallelism *
 expert_parallelism). Batch rows are split over "fsdp" and "expert" together (MaxText's
 convention: the expert axis also splits data outside the MoE layers).
 
+Multi-slice (`num_slices` > 1, TPU slices joined by the data-center network, DCN): the fsdp axis
+spans the slices and its outer factor is the slice (`mesh_device_ids`), so every tensor and
+expert group, and each slice's share of the fsdp gathers, stays on one slice's fast
+interconnect (ICI); only the data-parallel part of the gradient reduction crosses DCN.
+
+Which rows of a batch each device holds, and so which rows each host transfers under
+multi-host SPMD, is `rows_by_device` / `host_rows` (torch_xla's sharded transfer cuts the rows
+the same way; tests/test_xla.py checks it on real device shards).
+
 `SHARDING_RULES`: the first rule whose pattern matches a parameter's name gives one entry per
 dimension (a mesh axis, a tuple of axes, or None). Axes of size 1 are no-ops, so with
 tensor_parallelism = expert_parallelism = 1 the table is plain FSDP. A dimension its axes do not
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 from clm.config import ConfigError
 
@@ -40,14 +50,105 @@ SHARDING_RULES: tuple[tuple[str, tuple], ...] = (
 )
 
 
-def mesh_shape(num_devices: int, tensor: int, expert: int) -> tuple[int, int, int]:
-    """(fsdp, tensor, expert) sizes; ConfigError when tensor * expert does not divide devices."""
+def mesh_shape(
+    num_devices: int, tensor: int, expert: int, num_slices: int = 1
+) -> tuple[int, int, int]:
+    """(fsdp, tensor, expert) sizes; ConfigError when tensor * expert does not divide devices,
+    or when num_slices does not divide fsdp (a tensor or expert group would span two slices)."""
     if num_devices % (tensor * expert):
         raise ConfigError(
             f"tensor_parallelism={tensor} x expert_parallelism={expert} = {tensor * expert} "
             f"does not divide the {num_devices} devices (fsdp = devices / (tensor x expert))"
         )
-    return num_devices // (tensor * expert), tensor, expert
+    fsdp = num_devices // (tensor * expert)
+    if num_slices < 1 or num_devices % num_slices or fsdp % num_slices:
+        raise ConfigError(
+            f"num_slices={num_slices}: must divide the {num_devices} devices and fsdp={fsdp} "
+            f"(devices / (tensor_parallelism x expert_parallelism)), so that each slice holds "
+            "whole tensor and expert groups"
+        )
+    return fsdp, tensor, expert
+
+
+def mesh_device_ids(
+    slice_of_device: Sequence[int], shape: tuple[int, int, int], num_slices: int = 1
+) -> list[int]:
+    """Device ids in the mesh's row-major order, for a mesh of `shape` (fsdp, tensor, expert).
+
+    `slice_of_device[d]` is device d's slice (TPU: its `slice_index` attribute; the CPU runtime
+    has none, and callers pass d // devices_per_slice). Slices are laid out along fsdp, in order
+    of slice index, each slice's devices in id order: the fsdp axis's outer factor is the slice,
+    so (fsdp index) // (fsdp / num_slices) is the slice of every device at that fsdp index, and
+    tensor and expert groups never cross slices. This is the device order of torch_xla's
+    `HybridMesh(ici_mesh_shape=(fsdp / num_slices, tensor, expert), dcn_mesh_shape=(num_slices,
+    1, 1))` up to the placement inside a slice (HybridMesh follows the TPU torus there).
+    """
+    devices = len(slice_of_device)
+    if math.prod(shape) != devices:
+        raise ConfigError(
+            f"mesh {shape} needs {math.prod(shape)} devices, the runtime has {devices}"
+        )
+    slices = sorted(set(slice_of_device))
+    if len(slices) != num_slices:
+        raise ConfigError(
+            f"num_slices={num_slices}: the runtime's {devices} devices are in {len(slices)} "
+            f"slice(s); set num_slices={len(slices)}"
+        )
+    per_slice = devices // num_slices
+    groups = [[d for d in range(devices) if slice_of_device[d] == s] for s in slices]
+    uneven = [len(g) for g in groups if len(g) != per_slice]
+    if uneven:
+        raise ConfigError(f"slices of unequal size ({[len(g) for g in groups]} devices)")
+    return [d for group in groups for d in group]
+
+
+def slices_are_outermost(
+    device_ids: Sequence[int],
+    shape: tuple[int, int, int],
+    slice_of_device: Sequence[int],
+    num_slices: int,
+) -> bool:
+    """Whether the mesh `device_ids` (row-major over `shape`) puts slice k, in slice-index
+    order, at fsdp indices [k * fsdp / num_slices, (k + 1) * fsdp / num_slices): the layout
+    `mesh_device_ids` builds, checked on the mesh torch_xla's HybridMesh builds on TPU."""
+    fsdp, tensor, expert = shape
+    slices = sorted(set(slice_of_device))
+    if len(slices) != num_slices or fsdp % num_slices:
+        return False
+    per_slice = fsdp // num_slices
+    return all(
+        slice_of_device[device] == slices[(position // (tensor * expert)) // per_slice]
+        for position, device in enumerate(device_ids)
+    )
+
+
+def rows_by_device(device_ids: Sequence[int], shape: tuple[int, int, int], rows: int) -> dict:
+    """{device id: range of batch rows it holds} for a batch split on BATCH_AXES.
+
+    `device_ids` is the mesh's row-major device order (`mesh_device_ids`). Rows are split into
+    fsdp x expert equal blocks, block index = fsdp index x expert + expert index (the order of
+    the spec's axis tuple); the tensor axis holds replicas.
+    """
+    fsdp, tensor, expert = shape
+    blocks = fsdp * expert
+    if rows % blocks:
+        raise ConfigError(f"{rows} rows do not split over {blocks} data-parallel devices")
+    size = rows // blocks
+    out = {}
+    for position, device in enumerate(device_ids):
+        f, rest = divmod(position, tensor * expert)
+        block = f * expert + rest % expert
+        out[device] = range(block * size, (block + 1) * size)
+    return out
+
+
+def host_rows(
+    device_ids: Sequence[int], shape: tuple[int, int, int], rows: int, local_ids: Sequence[int]
+) -> list[int]:
+    """The sorted batch rows held by a host's addressable devices `local_ids`: what that host
+    transfers to its devices under multi-host SPMD (every host holds the whole global batch)."""
+    by_device = rows_by_device(device_ids, shape, rows)
+    return sorted({r for d in local_ids for r in by_device[d]})
 
 
 def axes_of(entry) -> tuple[str, ...]:

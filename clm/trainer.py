@@ -13,8 +13,14 @@ token-mean; clip; step; schedule; evaluate every `eval_frequency` steps; stop at
 Batches: every process reads the whole global batch of each step from the same deterministic
 stream; `backend.local_rows` keeps the rows this process computes (its data-parallel rank's rows
 of each micro-batch with one process per device under torchrun; all of them under XLA SPMD,
-where one process drives every device and the backend shards the rows). So this process runs
-micro-batches of `per_device_*_batch_size x backend.local_data_parallel_size` rows.
+where one process per host drives its devices and the backend transfers each host's rows). So
+this process runs micro-batches of `per_device_*_batch_size x backend.local_data_parallel_size`
+rows.
+
+Host reads: on a backend with `async_steps` (XLA) reading a device value waits for all queued
+device work, so the loop reads the logged values back only at the steps that use them (log,
+eval, save and the last step; `Trainer.reads_values`) and otherwise only launches the step: the
+host prepares step k+1 while the device runs step k. Elsewhere every step reads them.
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ def prepare_run_dir(cfg: DictConfig, backend: Backend) -> tuple[Path, Path | Non
     the main one changes them, and the others wait for it.
     """
     run_dir = Path(cfg.run_dir)
-    save_dir = Path(cfg.save_dir)
+    save_dir = checkpoint.location(cfg.save_dir)  # a local path or an fsspec URL (gs://)
     last = checkpoint.latest(save_dir) if cfg.auto_resume else None
     state = checkpoint.read_trainer_state(last) if last is not None else {}
     resume = last is not None and not state.get("finished", False)
@@ -106,7 +112,7 @@ def prepare_run_dir(cfg: DictConfig, backend: Backend) -> tuple[Path, Path | Non
 
 
 def _apply_run_dir_decision(
-    run_dir: Path, save_dir: Path, step: int, resume: bool, clear: bool
+    run_dir: Path, save_dir: checkpoint.Location, step: int, resume: bool, clear: bool
 ) -> None:
     """prepare_run_dir's changes to the files (the main process only)."""
     if resume:
@@ -122,8 +128,7 @@ def _apply_run_dir_decision(
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-        if save_dir.is_dir():
-            shutil.rmtree(save_dir)
+        checkpoint.remove_tree(save_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -163,6 +168,7 @@ class Trainer:
         self.tokens_seen = 0
         self.train_seconds = 0.0
         self.eval_losses: list[tuple[int, float]] = []
+        self.data_position: dict | None = None  # the stream's saved position (from a checkpoint)
         self.is_moe = model_lib.is_moe(model.config)
         self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
         self.tokens_per_step = cfg.global_train_batch_size * cfg.max_length
@@ -174,6 +180,9 @@ class Trainer:
         # gradients are summed, so each adds 1/aux_groups of its aux loss (the mean over ranks)
         self.aux_groups = backend.data_parallel_size // backend.local_data_parallel_size
         self.evals_done = 0  # in this process: the first eval compiles, later ones must not
+        # async_steps: steps since the last read whose loss or gradient norm was not finite
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int32, device=backend.device)
+        self.checked_step = 0  # the last step whose values were read and checked
 
     # ---- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -194,7 +203,31 @@ class Trainer:
         return float(total / count)
 
     # ---- one optimizer step ---------------------------------------------------------------
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def reads_values(self, step: int) -> bool:
+        """Whether optimizer step `step` reads its logged values back from the device.
+
+        Always, unless the backend has `async_steps`; then only at log, eval, save and last
+        steps (each of them syncs anyway: eval and save read the device, the log writes values).
+        """
+        cfg = self.cfg
+        return (
+            not self.backend.async_steps
+            or step % cfg.log_frequency == 0
+            or step == cfg.max_steps
+            or step % cfg.eval_frequency == 0
+            or bool(cfg.save_frequency and step % cfg.save_frequency == 0)
+        )
+
+    def train_step(self, batch: dict[str, torch.Tensor], read: bool = True) -> dict[str, float]:
+        """One optimizer step on this process's rows of a global batch (host tensors).
+
+        Returns the logged values; with `read=False` only `train/lr`, and nothing waits for the
+        device. The non-finite check: with `read` the step's loss and gradient norm, as floats,
+        as ever. On an `async_steps` backend each step also adds "loss or norm not finite" to a
+        device counter inside its own graph, and a reading step checks that counter too: a
+        non-finite step between two reads is caught at the next read, which names the range of
+        steps (the price of not syncing every step; log_frequency=1 names the exact step).
+        """
         cfg = self.cfg
         micro = cfg.per_device_train_batch_size * self.local_devices
         accum = cfg.gradient_accumulation_steps
@@ -218,8 +251,13 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.backend.async_steps:  # in the step's own graph: the same program every step
+            finite = torch.isfinite(nll_total) & torch.isfinite(grad_norm)
+            self.nonfinite_steps = self.nonfinite_steps + (~finite).int()
         # XLA: cut the traced graph after the optimizer update, so each step is one program
         self.backend.step_boundary()
+        if not read:
+            return {"train/lr": lr}
         # the one host<->device sync of the step: read the scalars we log
         values = {
             "train/loss": float(self.backend.all_reduce_sum(nll_total) / targets),
@@ -237,6 +275,15 @@ class Trainer:
                 f"non-finite loss or gradient norm at step {self.step + 1}: "
                 f"loss={values['train/loss']}, grad_norm={values['train/grad_norm']}"
             )
+        if self.backend.async_steps:
+            bad = int(self.nonfinite_steps)
+            if bad:
+                raise TrainingError(
+                    f"non-finite loss or gradient norm in {bad} of steps "
+                    f"{self.checked_step + 1}..{self.step + 1} (read back every log_frequency "
+                    "steps; log_frequency=1 names the step)"
+                )
+        self.checked_step = self.step + 1
         return values
 
     # ---- the loop -------------------------------------------------------------------------
@@ -247,10 +294,13 @@ class Trainer:
         target = float(cfg.target_eval_loss)
         status = "max_steps reached"
         # every process reads the whole global batch of each step from the same stream and
-        # computes its rows of it (backend.local_rows); a resumed run skips the blocks the
-        # checkpointed steps consumed: no block twice
+        # computes its rows of it (backend.local_rows); a resumed run continues from the saved
+        # stream position (or, for a checkpoint without one, replays the blocks the checkpointed
+        # steps consumed): no block twice, none skipped
         rows = cfg.global_train_batch_size
-        batches = self.train_stream.batches(rows, skip_blocks=self.step * rows)
+        batches = self.train_stream.batches(
+            rows, skip_blocks=self.step * rows, position=self.data_position
+        )
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
@@ -293,10 +343,12 @@ class Trainer:
             while not reached and self.step < cfg.max_steps:
                 batch = self.backend.local_rows(next(batches), cfg.gradient_accumulation_steps)
                 compiles = self.backend.compile_count()
+                read = self.reads_values(self.step + 1)
                 t0 = time.perf_counter()
                 with self.backend.profile(self.step + 1):
-                    values = self.train_step(batch)
-                    self.backend.sync()
+                    values = self.train_step(batch, read)
+                    if read:  # else launched only: the wait lands in the next reading step's dt
+                        self.backend.sync()
                 dt = time.perf_counter() - t0
                 self.step += 1
                 # warm-up: the first 3 steps of this process may compile (AdamW state appears)
@@ -375,6 +427,7 @@ class Trainer:
             "eval_losses": [[step, loss] for step, loss in self.eval_losses],
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
+            "data": self.train_stream.state_dict(),  # the stream's position (data.TrainStream)
             "finished": finished,
         }
 
@@ -385,10 +438,11 @@ class Trainer:
         self.eval_losses = [(int(step), float(loss)) for step, loss in state["eval_losses"]]
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        self.data_position = state.get("data")  # None: an older checkpoint, replayed instead
 
-    def save_checkpoint(self, finished: bool) -> Path:
+    def save_checkpoint(self, finished: bool) -> checkpoint.Location:
         return checkpoint.save(
-            Path(self.cfg.save_dir),
+            checkpoint.location(self.cfg.save_dir),
             self.step,
             self.model,
             self.optimizer,
@@ -537,17 +591,15 @@ def run(cfg: DictConfig) -> Summary:
     return summary
 
 
-def _restore(cfg: DictConfig, trainer: Trainer, resume_from: Path | None) -> None:
-    """Resume an interrupted run, or start from `checkpoint_manager_path` when given."""
+def _restore(cfg: DictConfig, trainer: Trainer, resume_from: checkpoint.Location | None) -> None:
+    """Resume an interrupted run, or start from `checkpoint_manager_path` when given.
+
+    Either may be a local path or an fsspec URL (gs:// with the 'gcs' extra).
+    """
     source = resume_from
     if source is None and cfg.checkpoint_manager_path:
-        path = str(cfg.checkpoint_manager_path)
-        if "://" in path:
-            raise config_lib.ConfigError(
-                f"checkpoint_manager_path={path}: only local paths can be restored for now "
-                "(copy the checkpoint to a local or mounted directory)"
-            )
-        source = checkpoint.latest(Path(path)) or Path(path)  # a save_dir or one checkpoint
+        path = checkpoint.location(cfg.checkpoint_manager_path)
+        source = checkpoint.latest(path) or path  # a save_dir or one checkpoint
     if source is None:
         return
     state = checkpoint.restore(source, trainer.model, trainer.optimizer)
@@ -555,6 +607,8 @@ def _restore(cfg: DictConfig, trainer: Trainer, resume_from: Path | None) -> Non
         trainer.load_state_dict(state)
     if trainer.backend.is_main:
         print(f"restored {source} (step {trainer.step})", flush=True)
+        if state:
+            print(f"data stream: {data_lib.describe_position(trainer.data_position)}", flush=True)
 
 
 def _check_vocab(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> None:

@@ -149,6 +149,8 @@ def test_global_batch_includes_accumulation_and_cadence_formula():
         ("dataset.dataset_name=wikitext", "dataset.dataset_name=wikitext"),
         ("per_device_train_batch_size=0", "per_device_train_batch_size=0"),
         ("eval_frequency=0", "eval_frequency=0"),
+        ("num_slices=0", "num_slices=0: must be a positive integer"),
+        ("num_slices=two", "num_slices=two: must be a positive integer"),
     ],
 )
 def test_validation_names_the_key(override, message):
@@ -161,3 +163,15 @@ def test_unknown_key_is_rejected_on_the_command_line(tmp_path):
     proc = print_job(tmp_path, "no_such_key=1")
     assert proc.returncode != 0
     assert "no_such_key" in proc.stderr
+
+
+def test_num_slices_needs_the_xla_backend():
+    """A multi-slice run on backend=cpu|cuda is a config error, before any device is touched."""
+    from clm.backends import select_backend
+
+    cfg = compose_cfg(["backend=cpu", "num_slices=2"])
+    config_lib.validate(cfg)
+    with pytest.raises(
+        config_lib.ConfigError, match="num_slices=2: multi-slice runs need backend=xla"
+    ):
+        select_backend(cfg)

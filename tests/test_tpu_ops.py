@@ -112,8 +112,9 @@ def run(script: str, *args: str, env: dict) -> subprocess.CompletedProcess:
 OVERRIDES = ("checkpoint_manager_path=/ckpt/mixtral822", "dataset.train_dataset_path=gs://b/c 4")
 
 
-def expected_workload(results: str | None, *overrides: str) -> list[str]:
+def expected_workload(results: str | None, *overrides: str, slices: int = 1) -> list[str]:
     env = ["EXPERIMENT=gbs256_tpu"] + ([f"RESULTS_URI={results}"] if results else [])
+    env += [f"NUM_SLICES={slices}"] if slices > 1 else []  # workload.sh: num_slices=N
     return ["cd", "/app", "&&", *env, "bash", "scripts/tpu/workload.sh", *overrides]
 
 
@@ -157,7 +158,7 @@ def test_xpk_run_submits_the_benchmark_command(stubs):
         "--priority=high",
     ]  # fmt: skip
     command = call[call.index("--command") + 1]
-    assert shlex.split(command) == expected_workload("gs://b/runs", *OVERRIDES)
+    assert shlex.split(command) == expected_workload("gs://b/runs", *OVERRIDES, slices=2)
 
 
 def test_xpk_refuses_a_slice_that_does_not_fit(stubs):

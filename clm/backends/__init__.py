@@ -21,6 +21,10 @@ class Backend:
     """Single-device defaults; subclasses override what they shard or synchronize."""
 
     name = "base"
+    # True where the device runs queued work asynchronously and reading any device value (a
+    # float() of the loss) stalls the host until all of it is done (XLA). The trainer then reads
+    # the logged values back only at the steps that need them (Trainer.train_step).
+    async_steps = False
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -120,6 +124,11 @@ def select_backend(cfg: DictConfig) -> Backend:
 
     if cfg.backend == "xla" or (cfg.backend == "auto" and os.environ.get("PJRT_DEVICE") == "TPU"):
         return _xla_backend(cfg)
+    if int(cfg.get("num_slices", 1)) > 1:
+        raise ConfigError(
+            f"num_slices={cfg.num_slices}: multi-slice runs need backend=xla (TPU slices); "
+            "set num_slices=1 for backend=cpu|cuda"
+        )
     if cfg.backend == "cuda" and not torch.cuda.is_available():
         raise ConfigError("backend=cuda: no CUDA device is visible (torch.cuda.is_available())")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per device
@@ -143,6 +152,8 @@ def _xla_backend(cfg: DictConfig) -> Backend:
     return XlaBackend(
         int(cfg.tensor_parallelism),
         int(cfg.expert_parallelism),
+        num_slices=int(cfg.get("num_slices", 1)),
+        attention=str(cfg.get("xla_attention", "auto")),
         compile_cache_dir=cfg.get("local_compile_cache_dir"),
         profile_step=int(cfg.get("xla_profile_step", -1)),
         profile_dir=os.path.join(str(cfg.run_dir), "profile"),

@@ -1,4 +1,4 @@
-"""torch_xla SPMD: one process per host sees the global batch and every parameter whole.
+"""torch_xla SPMD: one process per host; each sees the global batch and every parameter whole.
 
 `xr.use_spmd()` makes the XLA compiler (GSPMD) partition one program over all devices of a
 device mesh; we only annotate tensors with `xs.mark_sharding`, and the math stays the
@@ -19,7 +19,40 @@ device holds 1/fsdp of every matrix and XLA all-gathers it where it is used).
 Correctness does not depend on the rules (GSPMD inserts the collectives any layout needs, and
 the tests check the losses of four meshes against CPU); speed does, and the tp/ep layouts
 are not tuned yet: the MoE dispatch buffers carry no annotation, so there is no explicit
-all-to-all. One host only for now (ConfigError on a multi-host slice).
+all-to-all.
+
+Several hosts (a TPU pod slice: v5p-128 is 16 hosts): the same command runs on every host, one
+process each, and the mesh covers `xr.global_runtime_device_count()` devices. Every process reads
+the same deterministic global batch (the stream is a function of config and seed) and hands it
+whole to `to_device`, which transfers to this host's devices only the rows they hold: torch_xla's
+sharded transfer (`xm.send_cpu_data_to_device` with a `ShardingSpec`, what `MpDeviceLoader` runs
+per batch) cuts the host tensor by the sharding's tile assignment for the process's addressable
+devices only (`clm.sharding.host_rows` says which rows; tests/test_xla.py checks real shards
+against it). That works for every mesh, including a "tensor" axis that replicates rows and the
+multi-slice order. `minibatch=True` (each host passing only its own rows) does not: by its
+source (`GetShardIndicesForMinibatchTensor` in torch_xla 2.9) it cuts a host's rows over its
+devices in local order with no replicas, so a tensor-parallel mesh would get out-of-range,
+zero-padded shards.
+We do not use `MpDeviceLoader` itself: its thread reads the stream ahead of the step being
+trained, so the stream position a checkpoint saves would be ahead of the data consumed, and an
+error in the data (a bad record) ends its reader thread and the loop as a bare StopIteration
+(`ParallelLoader._loader_worker` has no except clause). The overlap it
+exists for comes from `async_steps` instead: the trainer reads no device value on most steps, so
+the host reads, tokenizes and transfers step k+1's batch while the device runs step k.
+Rank 0 is `xr.process_index() == 0` (it alone writes metrics and the MLPerf log, and commits
+checkpoints); `barrier` and `any_process` are one tiny global reduction over every device
+(`_global_any`), which all hosts must join. Checkpoints are not multi-host yet: clm/checkpoint.py
+saves through `torch.distributed.checkpoint` with no process group, so every host would gather
+whole tensors and write the same files. Only the CPU runtime was available to test this: it
+runs one process per machine (torch_xla's PJRT CPU client has no multi-process mode), so the
+multi-host path is tested through its parts, not end to end (README, "Running on XLA").
+
+Multi-slice (`num_slices` > 1): on TPU the mesh is torch_xla's
+`HybridMesh(ici_mesh_shape=(fsdp / num_slices, tensor, expert), dcn_mesh_shape=(num_slices, 1,
+1))`: fsdp spans the slices, its outer factor being the slice, so only the data-parallel part
+of each gradient reduction crosses the data-center network. Off TPU there are no slice
+attributes; `clm.sharding.mesh_device_ids` builds the same order with slice = device id //
+devices per slice (the CPU tests' stand-in for slices).
 
 Decoder layers get what torch_xla's FSDPv2 (`SpmdFullyShardedDataParallel`) adds per wrapped
 layer, applied in place: the layer's output hidden states are constrained to the data sharding
@@ -38,15 +71,19 @@ merge it back into the forward; the non-reentrant path has none, and how much me
 on a TPU is not measured yet.
 
 XLA traces lazily: `step_boundary()` (`torch_xla.sync()`) cuts the graph after each optimizer
-step and each eval batch, so every step runs the same compiled program. `compile_count()`
-reads torch_xla's `CompileTime` metric for the trainer's recompile watch. `profile(step)` captures
-an XLA profile of one step (`xla_profile_step`) into `${run_dir}/profile` for TensorBoard's
-profile plugin; `local_compile_cache_dir` holds the persistent compilation cache on TPU.
+step and each eval batch, so every step runs the same compiled program, and launches it
+without waiting (`async_steps`: the trainer reads losses back only at log, eval and save
+steps). `compile_count()` reads torch_xla's `CompileTime` metric for the recompile watch.
+`profile(step)` captures an XLA profile of one step (`xla_profile_step`, waiting for the device
+at its end) into `${run_dir}/profile` for TensorBoard's profile plugin; `local_compile_cache_dir`
+holds the persistent compilation cache on TPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import os
 import types
 from pathlib import Path
@@ -60,16 +97,26 @@ import torch_xla.runtime as xr
 
 from clm.backends import Backend
 from clm.config import ConfigError
-from clm.sharding import BATCH_AXES, MESH_AXES, mesh_shape, partition_spec
+from clm.sharding import (
+    BATCH_AXES,
+    MESH_AXES,
+    mesh_device_ids,
+    mesh_shape,
+    partition_spec,
+    slices_are_outermost,
+)
 
 
 class XlaBackend(Backend):
     name = "xla"
+    async_steps = True
 
     def __init__(
         self,
         tensor_parallelism: int = 1,
         expert_parallelism: int = 1,
+        num_slices: int = 1,
+        attention: str = "auto",
         compile_cache_dir: str | None = None,
         profile_step: int = -1,
         profile_dir: str | None = None,
@@ -80,27 +127,30 @@ class XlaBackend(Backend):
             Path(compile_cache_dir).mkdir(parents=True, exist_ok=True)
             xr.initialize_cache(compile_cache_dir, readonly=False)
         xr.use_spmd()  # before any XLA tensor exists
-        if xr.process_count() > 1:
-            raise ConfigError(
-                f"backend=xla: {xr.process_count()} hosts: multi-host SPMD is not supported yet; "
-                "run on one host (one TPU VM), with gradient_accumulation_steps for a larger batch"
-            )
         super().__init__(torch_xla.device())
         num_devices = xr.global_runtime_device_count()
-        shape = mesh_shape(num_devices, int(tensor_parallelism), int(expert_parallelism))
+        self.num_slices = int(num_slices)
+        shape = mesh_shape(
+            num_devices, int(tensor_parallelism), int(expert_parallelism), self.num_slices
+        )
         self.axis_sizes = dict(zip(MESH_AXES, shape, strict=True))
-        self.mesh = xs.Mesh(list(range(num_devices)), shape, MESH_AXES)
-        self.rank = 0
-        self.world_size = num_devices
+        self.mesh = _build_mesh(shape, self.num_slices)
+        # one process per host: process 0 writes the run's files
+        self.process_count = xr.process_count()
+        self.rank = xr.process_index()
+        self.world_size = num_devices  # devices (per-device throughput and MFU divide by it)
         self.data_parallel_size = self.axis_sizes["fsdp"] * self.axis_sizes["expert"]
-        # the one process loads the whole global batch; to_device shards its rows
+        # every process loads the whole global batch; to_device transfers each host's rows
         self.local_data_parallel_size = self.data_parallel_size
+        self._batch_specs: dict[int, xs.ShardingSpec] = {}
+        self._flags_spec: xs.ShardingSpec | None = None
         # Weights are initialized by the CPU generator, then moved: the same seed gives the
         # same model as backend=cpu (XLA's RNG draws other numbers). Not yet: a sharded init
         # from the meta device for models larger than host memory.
         self.init_device = torch.device("cpu")
         self.specs: dict[str, tuple] = {}
         self.profile_step = int(profile_step)
+        self.attention = attention
         self.profile_dir = profile_dir
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -109,6 +159,7 @@ class XlaBackend(Backend):
         # HF's aux loss uses torch.histc, which XLA cannot lower; ours is equal and static
         moe.use_static_load_balancing_loss()
         model = model.to(self.device)
+        self._use_flash_attention(model)
         for name, param in model.named_parameters():
             spec = partition_spec(name, tuple(param.shape), self.axis_sizes)
             self.specs[name] = spec
@@ -116,6 +167,23 @@ class XlaBackend(Backend):
                 xs.mark_sharding(param, self.mesh, spec)
         self._prepare_layers(model)
         return model
+
+    def _use_flash_attention(self, model: torch.nn.Module) -> None:
+        """xla_attention: the Pallas kernel per shard (rows on BATCH_AXES, heads on "tensor")."""
+        from clm import attention
+
+        xs.set_global_mesh(self.mesh)  # the kernel's shard_map looks the mesh up here
+        try:
+            used = attention.use_flash_attention(
+                model,
+                self.attention,
+                attention.pallas_flash_attention(),
+                partition_spec=(BATCH_AXES, "tensor", None, None),
+                mesh=self.mesh,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self.attention_kernel = "Pallas flash attention" if used else "HF sdpa attention"
 
     def _prepare_layers(self, model: torch.nn.Module) -> None:
         """FSDPv2's per-layer treatment, in place (see the module docstring)."""
@@ -142,13 +210,42 @@ class XlaBackend(Backend):
             xs.mark_sharding(hidden, self.mesh, (BATCH_AXES,) + (None,) * (hidden.ndim - 1))
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rows on BATCH_AXES; this host transfers only its devices' rows (module docstring)."""
         out = {}
         for key, value in batch.items():
-            value = value.to(self.device)
-            if value.shape[0] % self.data_parallel_size == 0:
-                xs.mark_sharding(value, self.mesh, (BATCH_AXES,) + (None,) * (value.ndim - 1))
-            out[key] = value
+            spec = None
+            if value.ndim >= 1 and value.shape[0] % self.data_parallel_size == 0:
+                spec = self._batch_specs.get(value.ndim)
+                if spec is None:
+                    partition = (BATCH_AXES,) + (None,) * (value.ndim - 1)
+                    spec = self._batch_specs[value.ndim] = xs.ShardingSpec(self.mesh, partition)
+            # a tensor the rows do not split (e.g. a scalar) is replicated: each host sends its copy
+            [out[key]] = xm.send_cpu_data_to_device(value, self.device, spec)
         return out
+
+    def barrier(self) -> None:
+        """Wait for every host (a global reduction all of them must join)."""
+        if self.process_count > 1:
+            self._global_any(False)
+
+    def any_process(self, flag: bool) -> bool:
+        return self._global_any(flag) if self.process_count > 1 else flag
+
+    def _global_any(self, flag: bool) -> bool:
+        """True when `flag` is True on any host, computed on the devices.
+
+        One element per device: each host fills the elements of its own devices with its flag
+        (`minibatch=True`: the host passes only its local part), then a max over the whole
+        tensor, one small program that every host runs. It waits for the device work queued
+        before it, like any read of a device value.
+        """
+        if self._flags_spec is None:
+            devices = xr.global_runtime_device_count()
+            flat = xs.Mesh(list(range(devices)), (devices,), ("devices",))
+            self._flags_spec = xs.ShardingSpec(flat, ("devices",), minibatch=True)
+        local = torch.full((xr.addressable_runtime_device_count(),), float(flag))
+        [flags] = xm.send_cpu_data_to_device(local, self.device, self._flags_spec)
+        return bool(flags.max().item())
 
     def optimizer_class(self, name: str) -> type[torch.optim.Optimizer]:
         """ADAMW_TORCH_XLA: torch_xla's syncfree AdamW (the same update, no host sync)."""
@@ -178,7 +275,60 @@ class XlaBackend(Backend):
     def device_description(self) -> str:
         sizes = " x ".join(f"{k}={v}" for k, v in self.axis_sizes.items())
         kind = xr.device_type() or os.environ.get("PJRT_DEVICE", "?")
-        return f"{self.world_size} XLA {kind} devices (SPMD mesh {sizes})"
+        if kind == "TPU":
+            kind += _tpu_generation()  # e.g. "TPU v5p": perf/mfu looks the peak up by it
+        where = [self.attention_kernel] if hasattr(self, "attention_kernel") else []
+        if self.num_slices > 1:
+            where.append(f"fsdp over {self.num_slices} slices")
+        if self.process_count > 1:
+            where.append(f"{self.process_count} hosts, this one #{self.rank}")
+        extra = f"; {', '.join(where)}" if where else ""
+        return f"{self.world_size} XLA {kind} devices (SPMD mesh {sizes}{extra})"
+
+
+@functools.cache
+def _tpu_generation() -> str:
+    """The TPU generation with a leading space (" v5p" on a v5p-128), or "" when unknown."""
+    try:
+        from torch_xla._internal import tpu
+
+        return f" {tpu.get_tpu_type()}"
+    except Exception:  # metadata server unreachable, unknown format: MFU is then not reported
+        return ""
+
+
+def _build_mesh(shape: tuple[int, int, int], num_slices: int) -> xs.Mesh:
+    """The (fsdp, tensor, expert) mesh; with num_slices > 1 fsdp spans the slices (outermost)."""
+    devices = math.prod(shape)
+    attributes = xr.global_runtime_device_attributes()
+    attributes.sort(key=lambda a: int(str(a["name"]).rsplit(":", 1)[-1]))  # by device ordinal
+    slice_of = [a.get("slice_index") for a in attributes]
+    if None in slice_of:  # no slice attributes (one TPU slice, or the CPU runtime)
+        if num_slices > 1 and xr.device_type() == "TPU":
+            raise ConfigError(
+                f"num_slices={num_slices}: this TPU runtime reports a single slice (no "
+                "slice_index); start every slice's hosts as one multi-slice job, or set "
+                "num_slices=1"
+            )
+        # off TPU: stand-in slices of consecutive device ids (the CPU tests)
+        per_slice = devices // num_slices
+        ids = mesh_device_ids([d // per_slice for d in range(devices)], shape, num_slices)
+        return xs.Mesh(ids, shape, MESH_AXES)
+    if num_slices == 1:  # one slice: device ids in order, as torch_xla's examples for a pod
+        mesh_device_ids(slice_of, shape, 1)  # ConfigError naming the runtime's slice count
+        return xs.Mesh(list(range(devices)), shape, MESH_AXES)
+    fsdp, tensor, expert = shape
+    try:
+        mesh = xs.HybridMesh(
+            ici_mesh_shape=(fsdp // num_slices, tensor, expert),
+            dcn_mesh_shape=(num_slices, 1, 1),
+            axis_names=MESH_AXES,
+        )
+    except ValueError as e:  # e.g. the runtime has another number of slices
+        raise ConfigError(f"num_slices={num_slices}: {e}") from e
+    ids = [int(d) for d in mesh.device_ids]
+    assert slices_are_outermost(ids, shape, slice_of, num_slices), (ids, slice_of)
+    return mesh
 
 
 @contextlib.contextmanager
@@ -190,4 +340,7 @@ def _trace(log_dir: str):
     try:
         yield
     finally:
+        # the step was only launched (async_steps): capture its execution too
+        torch_xla.sync()
+        xm.wait_device_ops()
         xp.stop_trace()

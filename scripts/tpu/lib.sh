@@ -26,10 +26,12 @@ quote_args() {
 }
 
 # workload_command OVERRIDES...: what runs in the container on every host (scripts/tpu/workload.sh
-# runs `python clm/run_clm.py +experiment=$EXPERIMENT output_dir=... OVERRIDES...`)
+# runs `python clm/run_clm.py +experiment=$EXPERIMENT output_dir=... OVERRIDES...`, with
+# num_slices=$NUM_SLICES when NUM_SLICES > 1, so the XLA mesh spans the slices)
 workload_command() {
   local env_vars=(EXPERIMENT="${EXPERIMENT:-gbs256_tpu}")
   [[ -n "${RESULTS_URI:-}" ]] && env_vars+=(RESULTS_URI="$RESULTS_URI")
+  ((${NUM_SLICES:-1} > 1)) && env_vars+=(NUM_SLICES="$NUM_SLICES")
   printf 'cd %s && %s bash scripts/tpu/workload.sh %s' \
     "$APP_DIR" "$(quote_args "${env_vars[@]}")" "$(quote_args "$@")"
 }

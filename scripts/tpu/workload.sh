@@ -7,6 +7,7 @@
 # because a GKE pod's disk is gone when the workload ends. Exits with run_clm's status.
 #   EXPERIMENT  gbs256_tpu (default), another preset in clm/config/experiment/, or none
 #   OUTPUT_DIR  /app/output (an output_dir=... override wins, as in Hydra)
+#   NUM_SLICES  slices of a multi-slice job: passed as num_slices=N (an override wins)
 #   PYTHON      python
 set -uo pipefail
 cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." || exit 2
@@ -26,6 +27,7 @@ output_dir=${OUTPUT_DIR:-/app/output}
 
 args=(clm/run_clm.py)
 [[ "$EXPERIMENT" != none ]] && args+=("+experiment=$EXPERIMENT")
+[[ -n "${NUM_SLICES:-}" ]] && args+=("num_slices=$NUM_SLICES")
 args+=("output_dir=$output_dir" "$@")
 for arg in "$@"; do
   [[ "$arg" == output_dir=* ]] && output_dir=${arg#output_dir=}
