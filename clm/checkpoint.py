@@ -17,6 +17,18 @@ committed (the end-of-run save after the periodic one) writes to `step_XXXXXXXX.
 and copies it over, so only that copy leaves the step uncommitted for a moment. Local saves write
 the same marker (so an uploaded save_dir is usable from the bucket) but still commit by rename,
 and decide "committed" by the name alone, as before.
+
+Several processes (the FSDP backend's ranks; the XLA backend's hosts, one process each) save
+and load together over a process group: the default one, or the `process_group` a backend
+passes, with a DCP `planner` of its own (the XLA backend's SPMD planners: each host writes and
+reads only the shards its devices hold, never a whole tensor; `Backend.checkpoint_options`).
+Every process writes its part into the same directory, so `save_dir` must be storage that all
+of them share (a bucket, or a filesystem mounted on every host). The main process removes a
+stale partial directory before any process writes (a barrier), commits after `dcp.save`'s
+collectives (which return only once every process has written its files), and every process
+leaves `save` only after that commit, having learned whether it succeeded (`_outcome`): no
+process looks for the latest checkpoint, or saves the same step again, before it is committed,
+and a failure on any process raises `OutputWriteError` on all of them.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from pathlib import Path
 
 import fsspec
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
@@ -154,6 +167,33 @@ def _quiet():
         yield
 
 
+def _collective(process_group) -> bool:
+    """Whether several processes checkpoint together (a process group exists)."""
+    return process_group is not None or (dist.is_available() and dist.is_initialized())
+
+
+def _barrier(process_group) -> None:
+    if _collective(process_group):
+        dist.barrier(group=process_group)
+
+
+def _outcome(error: BaseException | None, process_group) -> BaseException | None:
+    """This process's error, else the first other process's (main's commit included), else None.
+
+    Every process of the group must call it: it is also the barrier after the commit.
+    """
+    if not _collective(process_group):
+        return error
+    reasons = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(reasons, None if error is None else _url_reason(error), process_group)
+    if error is not None:
+        return error
+    for rank, reason in enumerate(reasons):
+        if reason is not None:
+            return RuntimeError(f"process {rank} failed: {reason}")
+    return None
+
+
 def save(
     save_dir: str | os.PathLike,
     step: int,
@@ -162,37 +202,62 @@ def save(
     trainer_state: dict,
     keep_last_n: int = 0,
     is_main: bool = True,
+    planner=None,
+    process_group=None,
 ) -> Location:
-    """Write, commit (rename, or the marker on a URL) and prune; returns the committed directory."""
+    """Write, commit (rename, or the marker on a URL) and prune; returns the committed directory.
+
+    `planner` (a DCP SavePlanner) and `process_group`: the backend's (None: DCP's defaults).
+    """
     save_dir = location(save_dir)
     if isinstance(save_dir, str):
-        return _save_url(save_dir, step, model, optimizer, trainer_state, keep_last_n, is_main)
+        return _save_url(
+            save_dir,
+            step,
+            model,
+            optimizer,
+            trainer_state,
+            keep_last_n,
+            is_main,
+            planner,
+            process_group,
+        )
     final = step_dir(save_dir, step)
     partial = final.with_name(final.name + ".partial")
     if is_main and partial.exists():
         shutil.rmtree(partial)  # a leftover of a crash during an earlier save of this step
+    _barrier(process_group)  # no process writes into the partial directory before that
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    error = None
     try:
         with _quiet():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
-        if is_main:
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd},
+                checkpoint_id=str(partial),
+                planner=planner,
+                process_group=process_group,
+            )
+        if is_main:  # dcp.save returned: every process has written its files
             torch.save(trainer_state, partial / TRAINER_FILE)
             (partial / COMMIT_MARKER).write_text(_marker(step))
             _fsync_dir(partial)
+            if final.exists():  # the same step saved again (e.g. the final save): replace it
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_dir(final.parent)
     except (OSError, RuntimeError, CheckpointException) as e:  # disk full, quota, size limit
+        error = e
         if is_main:
             shutil.rmtree(partial, ignore_errors=True)  # give the space back; never loaded
+    error = _outcome(error, process_group)
+    if error is not None:
         previous = committed(save_dir)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "none kept"
         raise OutputWriteError(
-            f"{final}: could not write the checkpoint ({describe(e, save_dir)}); {kept}; "
+            f"{final}: could not write the checkpoint ({describe(error, save_dir)}); {kept}; "
             "free space and rerun the same command to resume"
-        ) from e
+        ) from error
     if is_main:
-        if final.exists():  # the same step saved again (e.g. the final save): replace it
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_dir(final.parent)
         if keep_last_n > 0:
             for old in committed(save_dir)[:-keep_last_n]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -228,6 +293,8 @@ def _save_url(
     trainer_state: dict,
     keep_last_n: int,
     is_main: bool,
+    planner=None,
+    process_group=None,
 ) -> str:
     """save() on an object store: data first, the COMMITTED marker last (no rename there).
 
@@ -239,12 +306,16 @@ def _save_url(
     target = f"{final}.partial" if resave else final  # never write into a committed step
     if is_main:
         _remove(target)  # a leftover of a crash during an earlier save of this step
+    _barrier(process_group)  # no process writes into the target before that
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    error = None
     try:
         with _quiet():
             dcp.save(
                 {"model": model_sd, "optim": optim_sd},
                 storage_writer=FsspecWriter(target, sync_files=False),
+                planner=planner,
+                process_group=process_group,
             )
         if is_main:
             _write_bytes(join(target, TRAINER_FILE), _trainer_bytes(trainer_state))
@@ -253,15 +324,18 @@ def _save_url(
                 _copy_tree(target, final)
             _write_bytes(join(final, COMMIT_MARKER), _marker(step).encode())
     except (OSError, RuntimeError, CheckpointException, CheckpointError) as e:
+        error = e
         if is_main:
             with contextlib.suppress(Exception):
                 _remove(target)
+    error = _outcome(error, process_group)
+    if error is not None:
         previous = committed(save_dir)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "none kept"
         raise OutputWriteError(
-            f"{final}: could not write the checkpoint ({_url_reason(e)}); {kept}; "
+            f"{final}: could not write the checkpoint ({_url_reason(error)}); {kept}; "
             "rerun the same command to resume"
-        ) from e
+        ) from error
     if is_main:
         if resave:
             _remove(target)
@@ -354,9 +428,16 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
 
 
 def restore(
-    path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    planner=None,
+    process_group=None,
 ) -> dict:
-    """Load model (and optimizer when given) in place; returns the trainer state (or {})."""
+    """Load model (and optimizer when given) in place; returns the trainer state (or {}).
+
+    `planner` (a DCP LoadPlanner) and `process_group`: the backend's (None: DCP's defaults).
+    """
     path = location(path)
     metadata = join(path, ".metadata")
     if not (metadata.is_file() if isinstance(metadata, Path) else _exists(metadata)):
@@ -370,7 +451,9 @@ def restore(
         else:
             state = {"model": get_model_state_dict(model)}
         with _quiet():
-            dcp.load(state, storage_reader=_reader(path))
+            dcp.load(
+                state, storage_reader=_reader(path), planner=planner, process_group=process_group
+            )
     except (Exception, CheckpointException) as e:  # the latter is a BaseException
         raise CheckpointError(f"{path}: unreadable checkpoint ({_cause(e)})") from e
     if optimizer is not None:

@@ -449,6 +449,7 @@ class Trainer:
             self.state_dict(finished),
             keep_last_n=int(self.cfg.keep_last_n),
             is_main=self.backend.is_main,
+            **self.backend.checkpoint_options(load=False),
         )
 
     def _watch_compiles(self, what: str, warm: bool, before: int | None) -> int | None:
@@ -602,7 +603,9 @@ def _restore(cfg: DictConfig, trainer: Trainer, resume_from: checkpoint.Location
         source = checkpoint.latest(path) or path  # a save_dir or one checkpoint
     if source is None:
         return
-    state = checkpoint.restore(source, trainer.model, trainer.optimizer)
+    state = checkpoint.restore(
+        source, trainer.model, trainer.optimizer, **trainer.backend.checkpoint_options(load=True)
+    )
     if state:
         trainer.load_state_dict(state)
     if trainer.backend.is_main:

@@ -406,6 +406,8 @@ def test_checkpoints_move_between_cpu_and_an_spmd_mesh(tmp_path, cpu_run, cpu_me
         for (_, x), (_, c) in zip(got, want, strict=True):
             assert abs(x - c) <= LOSS_TOLERANCE, (key, x, c)
     saved = _load_on_cpu(run_dir / "checkpoints" / "step_00000004")
+    # the trainer saved through the XLA backend's SPMD planner: one DCP chunk per shard
+    assert len(_chunks(run_dir / "checkpoints" / "step_00000004", "model.lm_head.weight")) > 1
     reference = _load_on_cpu(cpu_run / "checkpoints" / "step_00000004")
     assert saved.keys() == reference.keys()
     for name, tensor in reference.items():
@@ -563,3 +565,207 @@ def test_the_tpu_generation_names_the_mfu_peak(monkeypatch):
         xla_backend._tpu_generation.cache_clear()
     assert generation == " v5p"
     assert peak_tflops(f"64 XLA TPU{generation} devices (SPMD mesh fsdp=64)", None) == 459.0
+
+
+SPMD_CHECKPOINT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch, torch_xla
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from clm import checkpoint
+    from clm.backends.xla_backend import XlaBackend
+    from clm.model import build_model
+    from conftest import model_cfg
+
+    backend = XlaBackend(1, 1)
+
+    def build(seed):
+        model = backend.wrap_model(
+            build_model(model_cfg(config_path="mixtral_small.json"), backend.init_device, seed)
+        )
+        return model, adamw(model.parameters(), lr=1e-2)
+
+    batch = backend.to_device({"input_ids": torch.arange(8 * 16).reshape(8, 16) % 1000})
+
+    def step(model, optimizer):
+        loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        backend.step_boundary()  # launched, not waited for: the planner must wait
+        return loss
+
+    def cpu_state(model, optimizer):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        flat = {f"model.{k}": v for k, v in model_sd.items()}
+        for name, state in optim_sd["state"].items():
+            flat.update({f"optim.{name}.{k}": v for k, v in state.items()})
+        return {k: v.detach().cpu().clone() for k, v in flat.items()}
+
+    out = {"group": dist.get_world_size()}
+    tmp = sys.argv[1]
+    for name in sys.argv[2:]:  # checkpoints in tmp/<name>/, the saved weights in tmp/<name>.pt
+        adamw = backend.optimizer_class(name)
+        model, optimizer = build(0)
+        step(model, optimizer)
+        where = checkpoint.save(
+            f"{tmp}/{name}", 1, model, optimizer, {"step": 1}, **backend.checkpoint_options(load=False)
+        )
+        saved = cpu_state(model, optimizer)
+        torch.save(saved, f"{tmp}/{name}.pt")
+        after = float(step(model, optimizer))
+
+        other, other_optimizer = build(1)  # other weights, no optimizer state yet
+        state = checkpoint.restore(
+            where, other, other_optimizer, **backend.checkpoint_options(load=True)
+        )
+        restored = cpu_state(other, other_optimizer)
+        spec = torch_xla._XLAC._get_xla_sharding_spec(other.model.embed_tokens.weight)
+        mismatched = [k for k in saved if not torch.equal(saved[k], restored[k])]
+        resumed = float(step(other, other_optimizer))
+        out[name] = {
+            "state": state, "mismatched": mismatched, "keys": len(saved), "spec": spec,
+            "after": after, "resumed": resumed,
+        }
+    backend.close()
+    print(json.dumps(out))
+""")
+
+
+@needs_xla
+def test_spmd_planners_save_shards_and_resume_exactly(tmp_path):
+    """fsdp=4: each device's shard is its own DCP chunk (SPMDSavePlanner, not a gathered
+    whole tensor); the checkpoint restores onto the mesh in place (SPMDLoadPlanner) with every
+    weight and AdamW moment bitwise equal and the next step's loss identical; the plain CPU
+    loader reads the same files back with the same weights."""
+    from clm import checkpoint
+
+    optimizers = ["ADAMW_TORCH_XLA", "ADAMW_TORCH"]  # syncfree AdamW and torch's
+    out = run_xla_script(tmp_path, SPMD_CHECKPOINT_SCRIPT, str(tmp_path), *optimizers)
+    assert out["group"] == 1  # the gloo group over hosts, here one
+    for optimizer in optimizers:
+        run = out[optimizer]
+        assert run["state"] == {"step": 1}
+        assert run["mismatched"] == [] and run["keys"] > 0, optimizer
+        assert run["spec"] == "{devices=[1,4]0,1,2,3}"  # restored into the mesh's layout
+        assert run["resumed"] == run["after"], optimizer
+        _assert_spmd_checkpoint(
+            checkpoint.latest(tmp_path / optimizer), tmp_path / f"{optimizer}.pt"
+        )
+
+
+def _assert_spmd_checkpoint(path, weights):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    # embed_tokens [32000, 128] sharded [1, 4]: four chunks of [32000, 32], for the weight
+    # and both moments; the gathering default planner would have written one whole chunk
+    for key in (
+        "model.model.embed_tokens.weight",
+        "optim.state.model.embed_tokens.weight.exp_avg",
+        "optim.state.model.embed_tokens.weight.exp_avg_sq",
+    ):
+        chunks = metadata[key].chunks
+        assert sorted(c.offsets[1] for c in chunks) == [0, 32, 64, 96], key
+        assert all(tuple(c.sizes) == (32000, 32) for c in chunks), key
+    # DCP's own keys (the CPU backend's), not torch_xla's "optim.param_groups" in one piece
+    assert "optim.param_groups.0.lr" in metadata and "optim.param_groups" not in metadata
+    # the plain CPU loader restores weights and AdamW state (step, moments) as saved
+    from conftest import model_cfg
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from clm import checkpoint
+    from clm.model import build_model
+
+    model = build_model(model_cfg(config_path="mixtral_small.json"), torch.device("cpu"), 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    assert checkpoint.restore(path, model, optimizer) == {"step": 1}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    on_cpu = {f"model.{k}": v for k, v in model_sd.items()}
+    for name, state in optim_sd["state"].items():
+        on_cpu.update({f"optim.{name}.{k}": v for k, v in state.items()})
+    reference = torch.load(weights)
+    assert on_cpu.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(on_cpu[name], tensor), name
+
+
+def _chunks(path, key: str) -> list:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path)).read_metadata().state_dict_metadata[key].chunks
+
+
+COMMIT_ORDER_SCRIPT = textwrap.dedent("""
+    import errno, json, os, sys
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from clm import checkpoint
+    from clm.errors import OutputWriteError
+
+    def host(rank, save_dir, port, results):
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+        )
+        group = dist.new_group(backend="gloo")  # passed explicitly, as the XLA backend does
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 4)
+        optimizer = torch.optim.AdamW(model.parameters())
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        out = {}
+        checkpoint.save(save_dir, 1, model, optimizer, {"step": 1}, is_main=rank == 0,
+                        process_group=group)
+        # leaving save: committed, for every process
+        out["latest"] = os.path.basename(str(checkpoint.latest(save_dir)))
+        if rank == 0:  # the main process fails to commit step 2 (after dcp.save's files)
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            checkpoint._fsync_dir = full  # dcp.save's own writes use torch.save
+        try:
+            checkpoint.save(save_dir, 2, model, optimizer, {"step": 2}, is_main=rank == 0,
+                            process_group=group)
+            out["error"] = None
+        except OutputWriteError as e:
+            out["error"] = str(e)
+        out["after"] = sorted(os.listdir(save_dir))
+        results[rank] = out
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        results = mp.Manager().dict()
+        mp.spawn(host, args=(sys.argv[1], port, results), nprocs=2)
+        print(json.dumps(dict(results)))
+""")
+
+
+def test_the_main_process_commits_after_every_process_wrote_and_all_see_it(tmp_path):
+    """Two processes save over a gloo group passed in, as the XLA backend's hosts do: both
+    leave `save` with the step committed; the main process failing to commit raises
+    OutputWriteError on both, and nothing partial is left."""
+    script = tmp_path / "commit.py"
+    script.write_text(COMMIT_ORDER_SCRIPT)
+    env = clean_env(tmp_path)
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for rank in ("0", "1"):
+        out = results[rank]
+        assert out["latest"] == "step_00000001", rank
+        assert out["after"] == ["step_00000001"], rank
+    assert "ENOSPC" in results["0"]["error"]
+    assert "process 0 failed: OSError" in results["1"]["error"]
+    assert "the previous checkpoint" in results["1"]["error"]

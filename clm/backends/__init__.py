@@ -100,6 +100,11 @@ class Backend:
         """Programs compiled so far (XLA); None where nothing is compiled."""
         return None
 
+    def checkpoint_options(self, load: bool) -> dict:
+        """Keyword arguments for `clm.checkpoint.restore` (load) or `save`: a fresh DCP
+        `planner` and the `process_group` to checkpoint over; {}: DCP's defaults."""
+        return {}
+
     def barrier(self) -> None:
         """Wait for every process."""
 

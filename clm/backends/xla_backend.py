@@ -41,11 +41,25 @@ exists for comes from `async_steps` instead: the trainer reads no device value o
 the host reads, tokenizes and transfers step k+1's batch while the device runs step k.
 Rank 0 is `xr.process_index() == 0` (it alone writes metrics and the MLPerf log, and commits
 checkpoints); `barrier` and `any_process` are one tiny global reduction over every device
-(`_global_any`), which all hosts must join. Checkpoints are not multi-host yet: clm/checkpoint.py
-saves through `torch.distributed.checkpoint` with no process group, so every host would gather
-whole tensors and write the same files. Only the CPU runtime was available to test this: it
+(`_global_any`), which all hosts must join. Only the CPU runtime was available to test this: it
 runs one process per machine (torch_xla's PJRT CPU client has no multi-process mode), so the
 multi-host path is tested through its parts, not end to end (README, "Running on XLA").
+
+Checkpoints: clm/checkpoint.py's DCP save/load over a CPU gloo process group with one rank per
+host (`init_process_group("gloo", init_method="xla://")`: torch_xla's rendezvous, rank =
+`xr.process_index()`, the master host's address from the TPU metadata, port MASTER_PORT, 12355
+by default), created always, also for one process (then on 127.0.0.1 and a free port unless
+MASTER_ADDR/MASTER_PORT are set), so the tested path is the pod's. `checkpoint_options` hands
+clm/checkpoint.py torch_xla's `SPMDSavePlanner` / `SPMDLoadPlanner`: each host writes only the
+shards its devices hold (one DCP chunk per shard; the planner deduplicates replicas across
+hosts) and loads into them in place, never gathering a whole parameter; replicated and host
+tensors (unsharded parameters, AdamW's CPU `step`, hyperparameters) go through DCP's default
+planner inside it. The state dict is flattened with DCP's own keys first (see
+`_SpmdSavePlanner`). The files are
+plain DCP: the CPU backend loads them and the SPMD planner loads CPU checkpoints (resharding
+chunk by chunk). Both planners first wait for the queued device work: torch_xla reads a
+tensor's shard layout from its device data, which fails while a step is still in flight.
+`save_dir` must be shared by all hosts (a bucket, or one filesystem mounted on each).
 
 Multi-slice (`num_slices` > 1): on TPU the mesh is torch_xla's
 `HybridMesh(ici_mesh_shape=(fsdp / num_slices, tensor, expert), dcn_mesh_shape=(num_slices, 1,
@@ -94,6 +108,8 @@ import torch_xla.core.xla_model as xm
 import torch_xla.debug.metrics as met
 import torch_xla.distributed.spmd as xs
 import torch_xla.runtime as xr
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
 
 from clm.backends import Backend
 from clm.config import ConfigError
@@ -152,6 +168,19 @@ class XlaBackend(Backend):
         self.profile_step = int(profile_step)
         self.attention = attention
         self.profile_dir = profile_dir
+        self.process_group = _host_process_group()
+
+    def checkpoint_options(self, load: bool) -> dict:
+        """torch_xla's SPMD planners over the hosts' gloo group (module docstring)."""
+        planner = _SpmdLoadPlanner() if load else _SpmdSavePlanner()
+        return {"planner": planner, "process_group": self.process_group}
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.process_group is not None and dist.is_initialized():
+            dist.destroy_process_group()
+            self.process_group = None
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from clm import moe
@@ -284,6 +313,54 @@ class XlaBackend(Backend):
             where.append(f"{self.process_count} hosts, this one #{self.rank}")
         extra = f"; {', '.join(where)}" if where else ""
         return f"{self.world_size} XLA {kind} devices (SPMD mesh {sizes}{extra})"
+
+
+def _host_process_group():
+    """A CPU gloo group, one rank per host (rank = xr.process_index()), for checkpoints."""
+    import torch.distributed as dist
+    import torch_xla.distributed.xla_backend  # noqa: F401  registers the xla:// rendezvous
+
+    if not dist.is_initialized():
+        if xr.process_count() == 1:  # this host alone: no metadata query, no fixed port
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("gloo", init_method="xla://")
+    return dist.group.WORLD
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _finish_device_work() -> None:
+    torch_xla.sync()
+    xm.wait_device_ops()
+
+
+# torch_xla's planners flatten the state dict their own way: a collection without tensors stays
+# one entry ("optim.param_groups"), where DCP's default planner writes each value
+# ("optim.param_groups.0.lr"), and neither loads the other's optimizer state. Ours flatten with
+# DCP's own function first, so the files carry DCP's keys and mappings (what the CPU and FSDP
+# backends write and read), and the SPMD planner sees a flat dict that it keeps as it is.
+class _SpmdSavePlanner(SPMDSavePlanner):
+    def set_up_planner(self, state_dict, is_coordinator):  # DCP's older signature, as the base
+        _finish_device_work()
+        flat, mappings = flatten_state_dict(state_dict)
+        super().set_up_planner(flat, is_coordinator)
+        self.mappings = mappings  # saved as the metadata's planner_data, as DCP's planner does
+
+
+class _SpmdLoadPlanner(SPMDLoadPlanner):
+    def set_up_planner(self, state_dict, metadata, is_coordinator):
+        _finish_device_work()
+        flat, mappings = flatten_state_dict(state_dict)
+        super().set_up_planner(flat, metadata, is_coordinator)
+        # non-tensor values (hyperparameters) are set into the caller's nested dict
+        self.original_state_dict, self.mappings = state_dict, mappings
 
 
 @functools.cache
