@@ -249,19 +249,26 @@ def save(
         error = e
         if is_main:
             shutil.rmtree(partial, ignore_errors=True)  # give the space back; never loaded
-    error = _outcome(error, process_group)
-    if error is not None:
-        previous = committed(save_dir)
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "none kept"
-        raise OutputWriteError(
-            f"{final}: could not write the checkpoint ({describe(error, save_dir)}); {kept}; "
-            "free space and rerun the same command to resume"
-        ) from error
+    _raise_on_failure(
+        _outcome(error, process_group), save_dir, final, describe, "free space and rerun"
+    )
     if is_main:
         if keep_last_n > 0:
             for old in committed(save_dir)[:-keep_last_n]:
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _raise_on_failure(error, save_dir: Location, final: Location, reason, advice: str) -> None:
+    """A failed save (on any process): OutputWriteError saying which checkpoint is still there."""
+    if error is None:
+        return
+    previous = committed(save_dir)
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "none kept"
+    raise OutputWriteError(
+        f"{final}: could not write the checkpoint ({reason(error, save_dir)}); {kept}; "
+        f"{advice} the same command to resume"
+    ) from error
 
 
 def _marker(step: int | None) -> str:
@@ -328,14 +335,9 @@ def _save_url(
         if is_main:
             with contextlib.suppress(Exception):
                 _remove(target)
-    error = _outcome(error, process_group)
-    if error is not None:
-        previous = committed(save_dir)
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "none kept"
-        raise OutputWriteError(
-            f"{final}: could not write the checkpoint ({_url_reason(error)}); {kept}; "
-            "rerun the same command to resume"
-        ) from error
+    _raise_on_failure(
+        _outcome(error, process_group), save_dir, final, lambda e, _: _url_reason(e), "rerun"
+    )
     if is_main:
         if resave:
             _remove(target)
