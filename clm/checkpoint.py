@@ -227,16 +227,9 @@ def save(
     if is_main and partial.exists():
         shutil.rmtree(partial)  # a leftover of a crash during an earlier save of this step
     _barrier(process_group)  # no process writes into the partial directory before that
-    model_sd, optim_sd = get_state_dict(model, optimizer)
     error = None
     try:
-        with _quiet():
-            dcp.save(
-                {"model": model_sd, "optim": optim_sd},
-                checkpoint_id=str(partial),
-                planner=planner,
-                process_group=process_group,
-            )
+        _write_state(partial, model, optimizer, planner, process_group)
         if is_main:  # dcp.save returned: every process has written its files
             torch.save(trainer_state, partial / TRAINER_FILE)
             (partial / COMMIT_MARKER).write_text(_marker(step))
@@ -257,6 +250,18 @@ def save(
             for old in committed(save_dir)[:-keep_last_n]:
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_state(where: Location, model, optimizer, planner, process_group) -> None:
+    """Model and optimizer state into `where` with DCP (every process writes its shards)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _quiet():
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd},
+            storage_writer=_writer(where),
+            planner=planner,
+            process_group=process_group,
+        )
 
 
 def _raise_on_failure(error, save_dir: Location, final: Location, reason, advice: str) -> None:
@@ -314,16 +319,9 @@ def _save_url(
     if is_main:
         _remove(target)  # a leftover of a crash during an earlier save of this step
     _barrier(process_group)  # no process writes into the target before that
-    model_sd, optim_sd = get_state_dict(model, optimizer)
     error = None
     try:
-        with _quiet():
-            dcp.save(
-                {"model": model_sd, "optim": optim_sd},
-                storage_writer=FsspecWriter(target, sync_files=False),
-                planner=planner,
-                process_group=process_group,
-            )
+        _write_state(target, model, optimizer, planner, process_group)
         if is_main:
             _write_bytes(join(target, TRAINER_FILE), _trainer_bytes(trainer_state))
             if resave:
@@ -403,6 +401,13 @@ def _cause(error: BaseException) -> str:
 
 def _reader(path: Location):
     return FsspecReader(path) if isinstance(path, str) else dcp.FileSystemReader(str(path))
+
+
+def _writer(path: Location):
+    """DCP's writer for a URL (no fsync: object stores have none) or a local directory."""
+    if isinstance(path, str):
+        return FsspecWriter(path, sync_files=False)
+    return dcp.FileSystemWriter(str(path))
 
 
 def has_optimizer_state(path: str | os.PathLike) -> bool:
