@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, clean_env, run_clm
+from conftest import ROOT, clean_env, run_clm, run_python
 
 from clm.config import ConfigError
 from clm.metrics import read_metrics
@@ -493,7 +493,7 @@ SHARDS_SCRIPT = textwrap.dedent("""
         want = {d: list(r) for d, r in rows_by_device(ids, shape, rows).items()}
         out[f"{tp},{ep},{slices}"] = {"held": held == want, "ids": ids,
                                       "description": backend.device_description()}
-    out["any"] = [backend._global_any(True), backend._global_any(False)]
+    out["any"] = [backend.any_process(True), backend.any_process(False)]
     backend.barrier()
     print(json.dumps(out))
     """)
@@ -502,8 +502,8 @@ SHARDS_SCRIPT = textwrap.dedent("""
 @needs_xla
 def test_device_shards_hold_the_rows_the_host_logic_says(tmp_path):
     """The backend's sharded transfer on 8 devices (plain, 2 slices x tensor 2, 2 slices x
-    tensor 2 x expert 2): every device holds exactly `rows_by_device`'s rows; and the global
-    reduction behind barrier/any_process runs (one process here: every device says the same)."""
+    tensor 2 x expert 2): every device holds exactly `rows_by_device`'s rows; and barrier and
+    any_process run on the hosts' gloo group (one process here)."""
     out = run_xla_script(tmp_path, SHARDS_SCRIPT, devices=8)
     for mesh in ("1,1,1", "2,1,2", "2,2,2"):
         assert out[mesh]["held"], (mesh, out[mesh])
@@ -750,16 +750,7 @@ def test_the_main_process_commits_after_every_process_wrote_and_all_see_it(tmp_p
     OutputWriteError on both, and nothing partial is left."""
     script = tmp_path / "commit.py"
     script.write_text(COMMIT_ORDER_SCRIPT)
-    env = clean_env(tmp_path)
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ckpt")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_python(tmp_path, str(script), str(tmp_path / "ckpt"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for rank in ("0", "1"):

@@ -40,8 +40,8 @@ error in the data (a bad record) ends its reader thread and the loop as a bare S
 exists for comes from `async_steps` instead: the trainer reads no device value on most steps, so
 the host reads, tokenizes and transfers step k+1's batch while the device runs step k.
 Rank 0 is `xr.process_index() == 0` (it alone writes metrics and the MLPerf log, and commits
-checkpoints); `barrier` and `any_process` are one tiny global reduction over every device
-(`_global_any`), which all hosts must join. Only the CPU runtime was available to test this: it
+checkpoints); `barrier` and `any_process` run on the hosts' gloo process group (below), on
+their CPUs: agreeing on a SIGTERM every step never waits for the devices. Only the CPU runtime was available to test this: it
 runs one process per machine (torch_xla's PJRT CPU client has no multi-process mode), so the
 multi-host path is tested through its parts, not end to end (README, "Running on XLA").
 
@@ -103,6 +103,7 @@ import types
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch_xla
 import torch_xla.core.xla_model as xm
 import torch_xla.debug.metrics as met
@@ -159,7 +160,6 @@ class XlaBackend(Backend):
         # every process loads the whole global batch; to_device transfers each host's rows
         self.local_data_parallel_size = self.data_parallel_size
         self._batch_specs: dict[int, xs.ShardingSpec] = {}
-        self._flags_spec: xs.ShardingSpec | None = None
         # Weights are initialized by the CPU generator, then moved: the same seed gives the
         # same model as backend=cpu (XLA's RNG draws other numbers). Not yet: a sharded init
         # from the meta device for models larger than host memory.
@@ -167,6 +167,7 @@ class XlaBackend(Backend):
         self.specs: dict[str, tuple] = {}
         self.profile_step = int(profile_step)
         self.attention = attention
+        self.attention_kernel: str | None = None  # which one wrap_model chose (description)
         self.profile_dir = profile_dir
         self.process_group = _host_process_group()
 
@@ -176,8 +177,6 @@ class XlaBackend(Backend):
         return {"planner": planner, "process_group": self.process_group}
 
     def close(self) -> None:
-        import torch.distributed as dist
-
         if self.process_group is not None and dist.is_initialized():
             dist.destroy_process_group()
             self.process_group = None
@@ -253,28 +252,14 @@ class XlaBackend(Backend):
         return out
 
     def barrier(self) -> None:
-        """Wait for every host (a global reduction all of them must join)."""
-        if self.process_count > 1:
-            self._global_any(False)
+        """Wait for every host (on the hosts' gloo group: the devices are not involved)."""
+        dist.barrier(group=self.process_group)
 
     def any_process(self, flag: bool) -> bool:
-        return self._global_any(flag) if self.process_count > 1 else flag
-
-    def _global_any(self, flag: bool) -> bool:
-        """True when `flag` is True on any host, computed on the devices.
-
-        One element per device: each host fills the elements of its own devices with its flag
-        (`minibatch=True`: the host passes only its local part), then a max over the whole
-        tensor, one small program that every host runs. It waits for the device work queued
-        before it, like any read of a device value.
-        """
-        if self._flags_spec is None:
-            devices = xr.global_runtime_device_count()
-            flat = xs.Mesh(list(range(devices)), (devices,), ("devices",))
-            self._flags_spec = xs.ShardingSpec(flat, ("devices",), minibatch=True)
-        local = torch.full((xr.addressable_runtime_device_count(),), float(flag))
-        [flags] = xm.send_cpu_data_to_device(local, self.device, self._flags_spec)
-        return bool(flags.max().item())
+        """True when `flag` is True on any host: one int all-reduced over the gloo group."""
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.process_group)
+        return bool(value.item())
 
     def optimizer_class(self, name: str) -> type[torch.optim.Optimizer]:
         """ADAMW_TORCH_XLA: torch_xla's syncfree AdamW (the same update, no host sync)."""
@@ -306,7 +291,7 @@ class XlaBackend(Backend):
         kind = xr.device_type() or os.environ.get("PJRT_DEVICE", "?")
         if kind == "TPU":
             kind += _tpu_generation()  # e.g. "TPU v5p": perf/mfu looks the peak up by it
-        where = [self.attention_kernel] if hasattr(self, "attention_kernel") else []
+        where = [self.attention_kernel] if self.attention_kernel else []
         if self.num_slices > 1:
             where.append(f"fsdp over {self.num_slices} slices")
         if self.process_count > 1:
@@ -316,8 +301,8 @@ class XlaBackend(Backend):
 
 
 def _host_process_group():
-    """A CPU gloo group, one rank per host (rank = xr.process_index()), for checkpoints."""
-    import torch.distributed as dist
+    """A CPU gloo group, one rank per host (rank = xr.process_index()): checkpoints, barrier,
+    any_process."""
     import torch_xla.distributed.xla_backend  # noqa: F401  registers the xla:// rendezvous
 
     if not dist.is_initialized():
