@@ -3,12 +3,16 @@
 `model.config_path` builds a randomly initialized model: parameters are created on the meta
 device (no memory), then materialized on the target device and initialized there, so a large
 model is never built twice on the host. `model.name_or_path` without a config_path loads a
-pretrained local directory (safetensors only, no remote code) the same way: meta init, then each
-tensor is read from its shard straight into the parameter's memory (`load_safetensors`: the
-header's offsets, `readinto`, no mmap and no intermediate copy unless the dtype changes), so the
-host holds one copy of the model, not the model plus the checkpoint. Mixtral's original layout
-(`block_sparse_moe.experts.{e}.w1/w2/w3`) is fused on the fly into transformers 5's
-`mlp.experts.gate_up_proj` ([E, 2I, H], w1 then w3) and `down_proj` ([E, H, I]).
+pretrained local directory (safetensors only, no remote code): meta init, then each tensor is
+read from its shard straight into the parameter's memory (`SafetensorsReader`: the header's
+offsets, `readinto`, no mmap and no intermediate copy unless the dtype changes). Mixtral's
+original layout (`block_sparse_moe.experts.{e}.w1/w2/w3`) is fused on the fly into transformers
+5's `mlp.experts.gate_up_proj` ([E, 2I, H], w1 then w3) and `down_proj` ([E, H, I]).
+
+Where no host may hold the whole model (the XLA backend: Mixtral-8x22B is 282 GB in bf16),
+`materialize` makes it a piece at a time (a decoder layer, or another module's own tensors),
+randomly initialized or read from the shards, and hands each tensor to the backend's `place`
+(a sharded transfer) before the next piece exists: the host's peak is one decoder layer.
 
 Losses follow the reference: next-token NLL, token-mean over unmasked labels; in training the
 Switch load-balancing loss times `router_aux_loss_coef` is added (eval reports the NLL alone).
@@ -16,8 +20,11 @@ Switch load-balancing loss times `router_aux_loss_coef` is added (eval reports t
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -126,20 +133,30 @@ def safetensors_header(path: Path) -> tuple[int, dict]:
     return 8 + header_len, header
 
 
-def load_pretrained(name_or_path: str, config: PretrainedConfig, dtype: torch.dtype):
+Place = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def keep(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The `place` that leaves each tensor where it was made (the CPU)."""
+    return tensor
+
+
+def load_pretrained(name_or_path: str, config: PretrainedConfig, dtype: torch.dtype, place=keep):
     """A local HF checkpoint: safetensors only, no remote code, nothing downloaded.
 
-    A directory loads with `load_safetensors` (one copy of the model in memory); a name found
-    only in the local HF cache goes through transformers' `from_pretrained`.
+    A directory is read module by module (`materialize`, `SafetensorsReader`), each tensor
+    handed to `place` once read: the host holds one module's tensors beyond what `place` keeps.
+    A name found only in the local HF cache goes through transformers' `from_pretrained` (the
+    whole model on the CPU first).
     """
     if Path(name_or_path).is_dir():
         files = check_safetensors(Path(name_or_path))
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.to_empty(device="cpu")
-        load_safetensors(model, files)
+        model = _meta_model(config, dtype)
+        with SafetensorsReader(files) as reader:
+            reader.plan(model)  # every missing tensor is named before anything is read
+            materialize(model, reader.fill, place)
         return model
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         config=config,
         dtype=dtype,
@@ -147,6 +164,114 @@ def load_pretrained(name_or_path: str, config: PretrainedConfig, dtype: torch.dt
         use_safetensors=True,
         trust_remote_code=False,
     )
+    if place is not keep:
+        with torch.no_grad():
+            place_all(model, place)
+    return model
+
+
+def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+@torch.no_grad()
+def materialize(model: PreTrainedModel, fill, place: Place) -> None:
+    """Create a meta-device model's tensors a piece at a time, never the whole model at once.
+
+    The pieces: each element of a ModuleList (a decoder layer) with everything in it, and each
+    other module's own parameters and buffers. A piece's tensors are made on the CPU, filled by
+    `fill(owner, module, {name: tensor})` module by module (`owner`: the PreTrainedModel whose
+    `_init_weights` applies), handed to `place(name, tensor)` (e.g. a sharded transfer to the
+    devices) and dropped, so the host's peak is one decoder layer (Mixtral-8x22B: 2.5G
+    parameters), whatever the model's size. Modules are filled children first, the order of
+    HF's `initialize_weights`, and a layer is placed only after all its modules are filled (a
+    parent's init may redo a child's tensor, as GPT-2's does), so a random init draws the same
+    numbers as `init_weights` on the whole model (tested). A tensor shared by modules (tied
+    embeddings) is made and placed once.
+    """
+    placed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta tensor): (it, placed)
+
+    def make(module: torch.nn.Module, prefix: str) -> dict:
+        fresh = {}
+        for slots in (module._parameters, module._buffers):
+            for name, old in slots.items():
+                if old is None or old.device.type != "meta":
+                    continue
+                if id(old) in placed:  # tied to a tensor placed already
+                    slots[name] = placed[id(old)][1]
+                    continue
+                new = torch.empty_like(old, device="cpu")
+                if isinstance(old, torch.nn.Parameter):
+                    new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+                slots[name] = new
+                fresh[prefix + name] = (slots, name, old, new)
+        return fresh
+
+    def place_all(fresh: dict) -> None:
+        for full, (slots, name, old, new) in fresh.items():
+            value = place(full, new.detach())
+            if isinstance(new, torch.nn.Parameter):
+                value = torch.nn.Parameter(value, requires_grad=new.requires_grad)
+            value._is_hf_initialized = True  # a later init (HF's, a parent's) leaves it alone
+            slots[name] = value
+            placed[id(old)] = (old, value)
+        if fresh and place is not keep:
+            _return_freed_memory()
+
+    def visit(module, prefix: str, owner: PreTrainedModel, piece: dict | None) -> None:
+        for name, child in module.named_children():
+            child_owner = child if isinstance(child, PreTrainedModel) else owner
+            if piece is None and isinstance(module, torch.nn.ModuleList):  # a layer: one piece
+                layer: dict = {}
+                visit(child, f"{prefix}{name}.", child_owner, layer)
+                place_all(layer)
+            else:
+                visit(child, f"{prefix}{name}.", child_owner, piece)
+        fresh = make(module, prefix)
+        if fresh or piece is not None:  # in a layer, a parent's init may redo its children's
+            fill(owner, module, {full: item[3] for full, item in fresh.items()})
+        if piece is None:
+            place_all(fresh)
+        else:
+            piece.update(fresh)
+
+    visit(model, "", model, None)
+
+
+def _return_freed_memory() -> None:
+    """Hand the host memory of placed pieces back to the OS (glibc only; elsewhere nothing).
+
+    glibc keeps freed heap memory in its arenas, and a piece's buffers are not reused by the
+    next piece: measured on torch_xla's CPU runtime, the RSS grew by one piece per piece, to
+    twice the model, until `malloc_trim`.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def random_init(owner: PreTrainedModel, module: torch.nn.Module, tensors: dict) -> None:
+    """A `materialize` fill: HF's own initialization of the module (`_init_weights`)."""
+    with hf_init.guard_torch_init_functions():
+        owner._initialize_weights(module)
+
+
+def place_all(model: torch.nn.Module, place: Place) -> None:
+    """Hand every tensor of a materialized model to `place` (tied ones once), in place."""
+    placed: dict[int, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        for slots in (module._parameters, module._buffers):
+            for name, old in slots.items():
+                if old is None:
+                    continue
+                if id(old) not in placed:
+                    value = place(f"{prefix}.{name}" if prefix else name, old.detach())
+                    if isinstance(old, torch.nn.Parameter):
+                        value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+                    placed[id(old)] = value
+                slots[name] = placed[id(old)]
 
 
 _FUSED_EXPERTS = re.compile(r"^(.*)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -176,55 +301,83 @@ def _pieces(name: str, tensor: torch.Tensor, prefix: str) -> list[list[tuple[tor
     return ways
 
 
-@torch.no_grad()
-def load_safetensors(model: PreTrainedModel, files: list[Path]) -> None:
-    """Fill a materialized (e.g. `to_empty`) model from safetensors shards, tensor by tensor.
+class SafetensorsReader:
+    """Reads a model's tensors from safetensors shards, one module at a time (a `materialize`
+    fill).
 
     Each tensor's bytes are read at the header's offsets straight into the parameter (or into a
-    one-tensor buffer when the dtype differs, then cast): no mmap, no state dict, no pickle. A
-    parameter the shards lack, a shape mismatch or a short read raises ValueError naming it
-    and the file. Non-persistent buffers (rotary frequencies) are recomputed, tied weights
-    re-tied.
+    one-tensor buffer when the dtype differs, then cast): no mmap, no state dict, no pickle.
+    `plan` names every parameter the shards lack before anything is read; a shape mismatch or
+    a short read raises ValueError naming the tensor and the file. Non-persistent buffers
+    (rotary frequencies) are computed by the model's own init.
     """
-    where: dict[str, tuple[Path, int, dict]] = {}
-    for path in files:
-        start, header = safetensors_header(path)
-        for key, entry in header.items():
-            if key in where:
-                raise ValueError(f"{path}: tensor {key} is also in {where[key][0]}")
-            where[key] = (path, start, entry)
-    model.tie_weights()  # to_empty unties shared parameters: one tensor per group again
-    tensors: dict[int, tuple[str, torch.Tensor]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():  # params, persistent buffers
-        tensors.setdefault(id(tensor), (name, tensor))
-    reads: dict[Path, list[tuple[torch.Tensor, str]]] = {}
-    missing = []
-    for name, tensor in tensors.values():
-        for way in _pieces(name, tensor, model.base_model_prefix):
-            if all(key in where for _, key in way):
-                for region, key in way:
-                    reads.setdefault(where[key][0], []).append((region, key))
-                break
-        else:
-            missing.append(name)
-    if missing:
-        directory = files[0].parent
-        raise ValueError(
-            f"{directory}: no weights for {len(missing)} of the model's tensors, e.g. "
-            f"{', '.join(missing[:3])} (is it a checkpoint of this architecture?)"
-        )
-    for path, items in reads.items():
-        items.sort(key=lambda item: where[item[1]][2]["data_offsets"][0])  # sequential reads
-        with open(path, "rb") as f:
-            for region, key in items:
-                _read_tensor(f, path, where[key][1], key, where[key][2], region)
-    for _, tensor in tensors.values():
-        tensor._is_hf_initialized = True  # HF's init below leaves loaded tensors alone
-    with hf_init.guard_torch_init_functions():
-        for module in model.modules():
-            if module._non_persistent_buffers_set:  # e.g. rotary inv_freq: not in checkpoints
-                model._init_weights(module)
-    model.tie_weights()
+
+    def __init__(self, files: list[Path]):
+        self.directory = files[0].parent
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        for path in files:
+            start, header = safetensors_header(path)
+            for key, entry in header.items():
+                if key in self.where:
+                    raise ValueError(f"{path}: tensor {key} is also in {self.where[key][0]}")
+                self.where[key] = (path, start, entry)
+        # model tensor name: (the name whose `_pieces` way fills it, that way's index)
+        self.ways: dict[str, tuple[str, int]] = {}
+        self.prefix = ""
+        self._open: dict[Path, object] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+    def plan(self, model: PreTrainedModel) -> None:
+        """Choose each tensor's checkpoint keys (on the meta model); name the missing ones.
+
+        Tied names (lm_head and the embeddings) share one choice: a checkpoint holds the
+        tensor under one of them."""
+        self.prefix = model.base_model_prefix
+        groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():  # params, persistent
+            groups.setdefault(id(tensor), []).append((name, tensor))
+        missing = []
+        for group in groups.values():
+            choice = next(
+                (
+                    (name, index)
+                    for name, tensor in group
+                    for index, way in enumerate(_pieces(name, tensor, self.prefix))
+                    if all(key in self.where for _, key in way)
+                ),
+                None,
+            )
+            if choice is None:
+                missing.append(group[0][0])
+            for name, _ in group:
+                self.ways[name] = choice
+        if missing:
+            raise ValueError(
+                f"{self.directory}: no weights for {len(missing)} of the model's tensors, e.g. "
+                f"{', '.join(missing[:3])} (is it a checkpoint of this architecture?)"
+            )
+
+    def fill(self, owner: PreTrainedModel, module: torch.nn.Module, tensors: dict) -> None:
+        for name, tensor in tensors.items():
+            if name not in self.ways:  # a non-persistent buffer
+                continue
+            source, index = self.ways[name]
+            for region, key in _pieces(source, tensor, self.prefix)[index]:
+                path, start, entry = self.where[key]
+                if path not in self._open:
+                    self._open[path] = open(path, "rb")
+                _read_tensor(self._open[path], path, start, key, entry, region)
+            tensor._is_hf_initialized = True  # HF's init below leaves loaded tensors alone
+        if module._non_persistent_buffers_set:  # e.g. rotary inv_freq: not in checkpoints
+            with hf_init.guard_torch_init_functions():
+                owner._init_weights(module)
 
 
 def _read_tensor(f, path: Path, start: int, key: str, entry: dict, region: torch.Tensor) -> None:
@@ -253,24 +406,41 @@ def is_moe(config: PretrainedConfig) -> bool:
     return getattr(config, "num_local_experts", 0) > 1
 
 
-def build_model(model_cfg: DictConfig, device: torch.device, seed: int) -> PreTrainedModel:
-    """The model on `device`, in `model.dtype`, in train mode."""
+def build_model(
+    model_cfg: DictConfig, device: torch.device, seed: int, place: Place | None = None
+) -> PreTrainedModel:
+    """The model on `device`, in `model.dtype`, in train mode.
+
+    `place` (a backend's, e.g. XLA's sharded transfer): the model is made one module at a time
+    on the CPU (`materialize`) and each tensor handed to `place`, so no host ever holds the
+    whole model; the random init is the same as without it. Without `place`, a random model is
+    initialized whole on `device`, and a pretrained one is still read module by module, each
+    tensor moved to `device`.
+    """
     config = build_hf_config(model_cfg)
     _configure_experts(config, model_cfg)
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.config_path is not None:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.to_empty(device=device)
+        model = _meta_model(config, dtype)
         torch.manual_seed(seed)
-        with torch.no_grad():
-            model.init_weights()  # also recomputes the rotary buffers lost on the meta device
+        if place is None:
+            model.to_empty(device=device)
+            with torch.no_grad():
+                model.init_weights()  # also recomputes the rotary buffers lost on the meta device
+        else:
+            materialize(model, random_init, place)
     else:
-        model = load_pretrained(model_cfg.name_or_path, config, dtype).to(device)
+        if place is None and torch.device(device).type != "cpu":
+            place = functools.partial(_to_device, device=device)
+        model = load_pretrained(model_cfg.name_or_path, config, dtype, place or keep)
     if model_cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
     return model
+
+
+def _to_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor.to(device)
 
 
 def _configure_experts(config: PretrainedConfig, model_cfg: DictConfig) -> None:

@@ -551,7 +551,8 @@ def run(cfg: DictConfig) -> Summary:
             "(set model.config_path=null to load its weights)",
             flush=True,
         )
-    model = model_lib.build_model(cfg.model, backend.init_device, cfg.seed)
+    place = backend.place if backend.places_weights else None
+    model = model_lib.build_model(cfg.model, backend.init_device, cfg.seed, place)
     _check_vocab(cfg, model, tokenizer)
     model = backend.wrap_model(model)
     optimizer = optim.build_optimizer(

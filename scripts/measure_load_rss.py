@@ -3,16 +3,23 @@
     python scripts/measure_load_rss.py /tmp/mixtral-86m            # writes it first if absent
     python scripts/measure_load_rss.py /tmp/mixtral-86m --dtype bfloat16
     python scripts/measure_load_rss.py /tmp/mixtral-86m-bf16 --save-dtype bfloat16 --dtype bfloat16
+    python scripts/measure_load_rss.py /tmp/mixtral-86m --xla 4        # onto 4 XLA CPU devices
 
 Each load runs in a fresh process; it prints the peak RSS (VmHWM) above the RSS after imports,
 and what stays resident after the load (anonymous memory vs pages of mapped files).
 `clm` is `clm.model.load_pretrained` (meta init, then each tensor read into its parameter);
 `hf` is `AutoModelForCausalLM.from_pretrained`, the loader clm used before.
+With `--xla N` the model goes onto an SPMD mesh of N devices of torch_xla's CPU runtime (whose
+device memory is host memory, so the model itself counts once in every row): `xla-whole` loads
+it whole on the CPU, then the backend shards it (`wrap_model`); `xla-pieces` is what the trainer
+does, each piece (a decoder layer, or another module) read and handed to the backend's sharded
+transfer before the next is read (`build_model(..., place=backend.place)`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -56,9 +63,22 @@ def measure(directory: str, dtype: str, loader: str) -> None:
     from clm import model as model_lib
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    backend = None
+    if loader.startswith("xla"):
+        from clm.backends.xla_backend import XlaBackend
+
+        backend = XlaBackend()
     before = {key: status(key) for key in ("VmRSS:", "RssAnon:", "RssFile:")}
     start = time.perf_counter()
-    if loader == "clm":
+    if loader == "xla-whole":
+        model = backend.wrap_model(
+            model_lib.load_pretrained(directory, config, model_lib.DTYPES[dtype])
+        )
+    elif loader == "xla-pieces":
+        model = backend.wrap_model(
+            model_lib.load_pretrained(directory, config, model_lib.DTYPES[dtype], backend.place)
+        )
+    elif loader == "clm":
         model = model_lib.load_pretrained(directory, config, model_lib.DTYPES[dtype])
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -82,16 +102,23 @@ def main() -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--loader", choices=["clm", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--xla", type=int, metavar="N", help="load onto N devices of torch_xla's CPU runtime"
+    )
+    loaders = ["clm", "hf", "xla-whole", "xla-pieces"]
+    parser.add_argument("--loader", choices=loaders, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loader:
         measure(str(args.directory), args.dtype, args.loader)
         return 0
     if not args.directory.exists():
         write_model(args.directory, args.save_dtype)
-    for loader in ("hf", "clm"):
+    env = dict(os.environ)
+    if args.xla:
+        env.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(args.xla))
+    for loader in ("xla-whole", "xla-pieces") if args.xla else ("hf", "clm"):
         command = [sys.executable, __file__, str(args.directory), "--dtype", args.dtype]
-        subprocess.run([*command, "--loader", loader], check=True)
+        subprocess.run([*command, "--loader", loader], check=True, env=env)
     return 0
 
 

@@ -69,3 +69,21 @@ def model_cfg(**overrides):
 def hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     return tmp_path / "hf_home"
+
+
+def tiny_mixtral_config():
+    """A 2-layer, 8-expert Mixtral with the real vocabulary: HF checkpoints for the import tests."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+        use_cache=False,
+    )

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, clean_env, run_clm, run_python
+from conftest import ROOT, clean_env, run_clm, run_python, tiny_mixtral_config
 
 from clm.config import ConfigError
 from clm.metrics import read_metrics
@@ -197,7 +197,9 @@ SHARDING_SCRIPT = textwrap.dedent("""
     tp, ep = int(sys.argv[1]), int(sys.argv[2])
     backend = XlaBackend(tp, ep)
     model = backend.wrap_model(
-        build_model(model_cfg(config_path="mixtral_small.json"), backend.init_device, 0)
+        build_model(
+            model_cfg(config_path="mixtral_small.json"), backend.init_device, 0, backend.place
+        )
     )
     specs = {
         name: torch_xla._XLAC._get_xla_sharding_spec(param)
@@ -210,6 +212,29 @@ SHARDING_SCRIPT = textwrap.dedent("""
     except ConfigError as e:
         specs["error"] = str(e)
     print(json.dumps({"dp": backend.data_parallel_size, "specs": specs}))
+    """)
+
+
+PRETRAINED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch, torch_xla
+    from transformers import AutoModelForCausalLM
+    from clm.backends.xla_backend import XlaBackend
+    from clm.model import build_model
+    from conftest import model_cfg
+
+    backend = XlaBackend(tensor_parallelism=2)
+    cfg = model_cfg(name_or_path=sys.argv[1])
+    model = backend.wrap_model(build_model(cfg, backend.init_device, 0, backend.place))
+    reference = AutoModelForCausalLM.from_pretrained(sys.argv[1]).state_dict()
+    mine = model.state_dict()
+    print(json.dumps({
+        "differ": [k for k in reference if not torch.equal(mine[k].cpu(), reference[k])],
+        "devices": sorted({str(t.device) for t in mine.values()}),
+        "spec": torch_xla._XLAC._get_xla_sharding_spec(
+            mine["model.layers.1.mlp.experts.gate_up_proj"]
+        ),
+    }))
     """)
 
 
@@ -760,3 +785,18 @@ def test_the_main_process_commits_after_every_process_wrote_and_all_see_it(tmp_p
     assert "ENOSPC" in results["0"]["error"]
     assert "process 0 failed: OSError" in results["1"]["error"]
     assert "the previous checkpoint" in results["1"]["error"]
+
+
+@needs_xla
+def test_pretrained_weights_load_a_piece_at_a_time_onto_the_mesh(tmp_path):
+    """An HF checkpoint (Mixtral's per-expert layout) read piece by piece straight onto a
+    (fsdp 2, tensor 2) mesh: HF's weights, each sharded as the rules say."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_mixtral_config()).save_pretrained(tmp_path / "hf")
+    out = run_xla_script(tmp_path, PRETRAINED_SCRIPT, str(tmp_path / "hf"))
+    assert out["differ"] == []
+    assert out["devices"] == ["xla:0"]
+    # gate_up_proj [E, 2F, D]: 2F on "tensor", D on "fsdp"
+    assert out["spec"].startswith("{devices=[1,2,2]"), out["spec"]

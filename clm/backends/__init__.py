@@ -38,6 +38,15 @@ class Backend:
         # where the model's weights are created and initialized before `wrap_model`
         self.init_device = device
 
+    # True where no host may hold the whole model (XLA: a pod's hosts each hold shards): the
+    # trainer then builds it a piece at a time on the CPU (`clm.model.materialize`), handing
+    # each tensor to `place` as soon as it is made.
+    places_weights = False
+
+    def place(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor of parameter (or buffer) `name`, made on the CPU, moved where it lives."""
+        return tensor.to(self.device)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

@@ -12,7 +12,11 @@ expert axis also splits data outside the MoE layers), so
   data_parallel_size = fsdp * expert_parallelism,
 which `clm.config.finalize` uses for the global batch. The "tensor" axis replicates the batch.
 
-Parameters are sharded by the rules table in `clm/sharding.py` (data, shared with the capacity
+The model is made a piece at a time on the host (`places_weights`: `clm.model.materialize`, a
+decoder layer at a time, randomly initialized by the CPU generator or read from safetensors), and
+`place` transfers each tensor sharded (the same sharded transfer as the batches: each host sends
+only its devices' shards), so no host ever holds the whole model. Parameters are sharded by the
+rules table in `clm/sharding.py` (data, shared with the capacity
 planner); with tensor_parallelism = expert_parallelism = 1 it is plain FSDP (ZeRO-3-like: each
 device holds 1/fsdp of every matrix and XLA all-gathers it where it is used).
 
@@ -127,6 +131,7 @@ from clm.sharding import (
 class XlaBackend(Backend):
     name = "xla"
     async_steps = True
+    places_weights = True
 
     def __init__(
         self,
@@ -159,10 +164,10 @@ class XlaBackend(Backend):
         self.data_parallel_size = self.axis_sizes["fsdp"] * self.axis_sizes["expert"]
         # every process loads the whole global batch; to_device transfers each host's rows
         self.local_data_parallel_size = self.data_parallel_size
-        self._batch_specs: dict[int, xs.ShardingSpec] = {}
-        # Weights are initialized by the CPU generator, then moved: the same seed gives the
-        # same model as backend=cpu (XLA's RNG draws other numbers). Not yet: a sharded init
-        # from the meta device for models larger than host memory.
+        self._batch_specs: dict[int, _ShardingSpec] = {}
+        # Weights are made a piece at a time by the CPU generator (`places_weights`), then
+        # moved: the same seed gives the same model as backend=cpu (XLA's RNG draws other
+        # numbers), and no host holds more than one decoder layer of it.
         self.init_device = torch.device("cpu")
         self.specs: dict[str, tuple] = {}
         self.profile_step = int(profile_step)
@@ -183,18 +188,27 @@ class XlaBackend(Backend):
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from clm import moe
+        from clm.model import place_all
 
         # HF's aux loss uses torch.histc, which XLA cannot lower; ours is equal and static
         moe.use_static_load_balancing_loss()
-        model = model.to(self.device)
+        with torch.no_grad():  # what build_model did not place yet (a model made on the CPU)
+            place_all(model, self._place_if_on_host)
         self._use_flash_attention(model)
-        for name, param in model.named_parameters():
-            spec = partition_spec(name, tuple(param.shape), self.axis_sizes)
-            self.specs[name] = spec
-            if any(e is not None for e in spec):
-                xs.mark_sharding(param, self.mesh, spec)
         self._prepare_layers(model)
         return model
+
+    def place(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor to the devices, sharded by the rules table (`clm.sharding`): like a
+        batch, each host transfers only the shards its devices hold."""
+        spec = partition_spec(name, tuple(tensor.shape), self.axis_sizes)
+        self.specs[name] = spec
+        sharding = _ShardingSpec(self.mesh, spec) if any(e is not None for e in spec) else None
+        [out] = xm.send_cpu_data_to_device(tensor, self.device, sharding)
+        return out
+
+    def _place_if_on_host(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if tensor.device.type == "xla" else self.place(name, tensor)
 
     def _use_flash_attention(self, model: torch.nn.Module) -> None:
         """xla_attention: the Pallas kernel per shard (rows on BATCH_AXES, heads on "tensor")."""
@@ -246,7 +260,7 @@ class XlaBackend(Backend):
                 spec = self._batch_specs.get(value.ndim)
                 if spec is None:
                     partition = (BATCH_AXES,) + (None,) * (value.ndim - 1)
-                    spec = self._batch_specs[value.ndim] = xs.ShardingSpec(self.mesh, partition)
+                    spec = self._batch_specs[value.ndim] = _ShardingSpec(self.mesh, partition)
             # a tensor the rows do not split (e.g. a scalar) is replicated: each host sends its copy
             [out[key]] = xm.send_cpu_data_to_device(value, self.device, spec)
         return out
@@ -298,6 +312,25 @@ class XlaBackend(Backend):
             where.append(f"{self.process_count} hosts, this one #{self.rank}")
         extra = f"; {', '.join(where)}" if where else ""
         return f"{self.world_size} XLA {kind} devices (SPMD mesh {sizes}{extra})"
+
+
+class _ShardingSpec(xs.ShardingSpec):
+    """torch_xla's transfer sharding, with the arguments `mark_sharding` uses (the mesh's own).
+
+    torch_xla 2.9's `ShardingSpec` labels a spec that leaves out a size-1 mesh axis (e.g.
+    ("tensor", "fsdp") on a mesh whose "expert" axis is 1) as fully tiled while its tile
+    assignment keeps that axis, and the transfer then fails with "too many indices for tensor
+    of dimension 2"; the mesh marks it partially replicated over the missing axis, as
+    `mark_sharding` does.
+    """
+
+    def __post_init__(self):
+        (
+            self._tile_assignment,
+            self._group_assignment,
+            self._replication_groups,
+            self._sharding_type,
+        ) = self.mesh._get_op_sharding_args(self.partition_spec)
 
 
 def _host_process_group():
