@@ -29,6 +29,30 @@ collectives (which return only once every process has written its files), and ev
 leaves `save` only after that commit, having learned whether it succeeded (`_outcome`): no
 process looks for the latest checkpoint, or saves the same step again, before it is committed,
 and a failure on any process raises `OutputWriteError` on all of them.
+
+Asynchronous saves (`async_checkpointing`, on by default for backend=xla; `AsyncSaver`): the
+training thread copies the state of the save step to host memory (`Backend.stage_checkpoint`: on
+XLA, after waiting for the queued device work, only this host's shards, torch_xla's
+`_sharded_cpu_state_dict` as in its CheckpointManager.save_async; elsewhere a copy of each tensor)
+and serializes trainer.pt, then goes on training while a background thread writes, commits and
+prunes exactly as above, with the same layout, over a gloo process group of its own (the
+training thread's `barrier`/`any_process` use the backend's; concurrent collectives on one group
+deadlock). What still waits: the copy itself, which needs the step to be finished on the device
+(a save step reads its loss anyway) and host memory for a second copy of this host's model and
+optimizer state. One save is in flight at a time: the next save waits for it and raises its
+`OutputWriteError` (the previous committed checkpoint untouched), and the final save, the one on
+SIGTERM and the end of the run (also on an error) wait until it is committed. The files are those
+of a synchronous save, bitwise (tests/test_async_checkpoint.py); tested on the CPU backend and
+the XLA CPU runtime (4 virtual devices, one host) only, not on a TPU nor across hosts. We do not
+use CheckpointManager itself: it has its own layout (no partial/rename, no COMMITTED marker, no
+trainer.pt, pruning by its own list), torch_xla's flattened keys (no loading on the CPU backend)
+and a pickled `.manager_metadata`.
+
+`.metadata` (DCP's, a pickle) is read with an unpickler that admits only the classes DCP
+metadata holds (`_METADATA_GLOBALS`); anything else is a `CheckpointError` naming the file and
+the global, and nothing in it runs. The optimizer's non-tensor values inside the shards are read
+with `torch.load(weights_only=True)` (`_LoadPlanner`: DCP's default planner passes False;
+torch_xla's SPMDLoadPlanner calls `torch.load` with torch 2.9's default, True).
 """
 
 from __future__ import annotations
@@ -37,8 +61,11 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -47,13 +74,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_map
 
 from clm.errors import OutputWriteError, describe
 
@@ -158,12 +189,23 @@ def latest(save_dir: str | os.PathLike) -> Location | None:
     return found[-1] if found else None
 
 
+def _ignore_dcp_warnings() -> None:
+    warnings.filterwarnings("ignore", module=r"torch\.distributed\..*")
+    warnings.filterwarnings("ignore", message=r".*TypedStorage.*")
+
+
 @contextlib.contextmanager
 def _quiet():
-    """DCP warns that no process group exists when one process saves; that is intended."""
+    """DCP warns that no process group exists when one process saves; that is intended.
+
+    `catch_warnings` is not thread-safe: AsyncSaver's thread relies on the same filters set
+    for the whole process instead (AsyncSaver.__init__).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"torch\.distributed\..*")
-        warnings.filterwarnings("ignore", message=r".*TypedStorage.*")
+        _ignore_dcp_warnings()
         yield
 
 
@@ -209,18 +251,32 @@ def save(
 
     `planner` (a DCP SavePlanner) and `process_group`: the backend's (None: DCP's defaults).
     """
-    save_dir = location(save_dir)
+    state = _state(model, optimizer)
+    data = _trainer_bytes(trainer_state)
+    return _save(
+        location(save_dir), step, state, data, keep_last_n, is_main, planner, process_group
+    )
+
+
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _save(
+    save_dir: Location,
+    step: int,
+    state: dict,
+    trainer_bytes: bytes,
+    keep_last_n: int,
+    is_main: bool,
+    planner,
+    process_group,
+) -> Location:
+    """save() of a state dict and serialized trainer state (on AsyncSaver's thread: staged)."""
     if isinstance(save_dir, str):
         return _save_url(
-            save_dir,
-            step,
-            model,
-            optimizer,
-            trainer_state,
-            keep_last_n,
-            is_main,
-            planner,
-            process_group,
+            save_dir, step, state, trainer_bytes, keep_last_n, is_main, planner, process_group
         )
     final = step_dir(save_dir, step)
     partial = final.with_name(final.name + ".partial")
@@ -229,9 +285,9 @@ def save(
     _barrier(process_group)  # no process writes into the partial directory before that
     error = None
     try:
-        _write_state(partial, model, optimizer, planner, process_group)
+        _write_state(partial, state, planner, process_group)
         if is_main:  # dcp.save returned: every process has written its files
-            torch.save(trainer_state, partial / TRAINER_FILE)
+            (partial / TRAINER_FILE).write_bytes(trainer_bytes)
             (partial / COMMIT_MARKER).write_text(_marker(step))
             _fsync_dir(partial)
             if final.exists():  # the same step saved again (e.g. the final save): replace it
@@ -252,12 +308,11 @@ def save(
     return final
 
 
-def _write_state(where: Location, model, optimizer, planner, process_group) -> None:
+def _write_state(where: Location, state: dict, planner, process_group) -> None:
     """Model and optimizer state into `where` with DCP (every process writes its shards)."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
     with _quiet():
         dcp.save(
-            {"model": model_sd, "optim": optim_sd},
+            state,
             storage_writer=_writer(where),
             planner=planner,
             process_group=process_group,
@@ -300,9 +355,8 @@ def _url_reason(error: BaseException) -> str:
 def _save_url(
     save_dir: str,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict,
+    state: dict,
+    trainer_bytes: bytes,
     keep_last_n: int,
     is_main: bool,
     planner=None,
@@ -321,9 +375,9 @@ def _save_url(
     _barrier(process_group)  # no process writes into the target before that
     error = None
     try:
-        _write_state(target, model, optimizer, planner, process_group)
+        _write_state(target, state, planner, process_group)
         if is_main:
-            _write_bytes(join(target, TRAINER_FILE), _trainer_bytes(trainer_state))
+            _write_bytes(join(target, TRAINER_FILE), trainer_bytes)
             if resave:
                 _remove(final)  # marker first: the step is uncommitted during the copy
                 _copy_tree(target, final)
@@ -343,6 +397,89 @@ def _save_url(
             for old in committed(save_dir)[:-keep_last_n]:
                 _remove(old)
     return final
+
+
+class AsyncSaver:
+    """save() whose writing runs on a background thread; at most one save in flight.
+
+    `save` waits for the previous save (raising its error, if any), copies the state of this
+    step to host memory on the calling thread (`stage`: the backend's `stage_checkpoint`; it
+    returns the copy and the DCP planner to write it with), serializes the trainer state, and
+    returns; the thread then writes, commits and prunes exactly as `save` does, over a gloo
+    process group of its own (collectives of two threads on one group would deadlock).
+    `wait` blocks until the save in flight is committed and raises its `OutputWriteError`
+    (or any other error) there; every process learns the outcome, as with `save`.
+    """
+
+    def __init__(self) -> None:
+        # every process creates it at the same point (new_group is collective); none alone
+        self.process_group = dist.new_group(backend="gloo") if _collective(None) else None
+        self._thread: threading.Thread | None = None
+        self._result: Location | None = None
+        self._error: BaseException | None = None
+        _ignore_dcp_warnings()  # for the thread (see _quiet)
+
+    def save(
+        self,
+        save_dir: str | os.PathLike,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict,
+        keep_last_n: int = 0,
+        is_main: bool = True,
+        stage=None,
+    ) -> Location:
+        """Start saving `step`; returns the directory it will be committed to."""
+        self.wait()
+        state = _state(model, optimizer)
+        staged, planner = stage(state) if stage is not None else (host_copy(state), None)
+        args = (location(save_dir), step, staged, _trainer_bytes(trainer_state), keep_last_n)
+        args += (is_main, planner, self.process_group)
+        self._thread = threading.Thread(target=self._write, args=args, name=f"save-{step}")
+        self._thread.start()
+        return step_dir(location(save_dir), step)
+
+    def _write(self, *args) -> None:
+        try:
+            self._result = _save(*args)
+        except BaseException as e:  # raised by wait(), on the training thread
+            self._error = e
+
+    def wait(self) -> Location | None:
+        """The directory the save in flight committed (None: none in flight), or its error."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return None
+        thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return self._result
+
+    def finish(self, failing: bool) -> None:
+        """Wait for the save in flight before the process ends. While another error is already
+        on its way out (`failing`), this one's is printed instead of raised."""
+        try:
+            self.wait()
+        except Exception as e:
+            if not failing:
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+def host_copy(state: dict) -> dict:
+    """A copy of a state dict's tensors as they are now, in host memory (a DTensor's local
+    shard is cloned where it lives); other values are immutable (numbers, strings) or rebuilt."""
+
+    def copy(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, DTensor):
+            return value.detach().clone()
+        return value.detach().to("cpu", copy=True)
+
+    return tree_map(copy, state)
 
 
 def _copy_tree(source: str, dest: str) -> None:
@@ -393,14 +530,102 @@ def _fsync_dir(path: Path) -> None:
 def _cause(error: BaseException) -> str:
     """One line for DCP's per-rank failures (their tracebacks are in the chained exception)."""
     failures = getattr(error, "failures", None)
-    if failures:
-        causes = {type(getattr(w, "exc", w)).__name__ for w in failures.values()}
+    if failures:  # rank -> (exception, traceback)
+        errors = [w[0] if isinstance(w, tuple) else w for w in failures.values()]
+        if any(str(e).startswith("Weights only load failed") for e in errors):  # _LoadPlanner
+            return "a shard holds a pickled value other than plain data (refused, not run)"
+        causes = {type(e).__name__ for e in errors}
         return f"a shard is truncated or corrupt: {', '.join(sorted(causes))}"
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
+# What a DCP `.metadata` pickle may name (the set found in the checkpoints of the CPU, FSDP and
+# XLA SPMD backends, local and fsspec, torch 2.9), plus torch dtypes. It is unpickled with these
+# alone: a crafted file naming anything else (os.system, builtins.eval) is refused unrun.
+_METADATA_GLOBALS = {
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # a lookup of torch.strided & co. by name
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),  # storage_meta.checkpoint_id of a local save
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"{self.path}: refused to load {module}.{name} (a DCP .metadata holds only DCP's "
+            "metadata classes; this file was not written by a checkpoint save)"
+        )
+
+
+class _SafeMetadata:
+    """DCP's reader, unpickling `.metadata` with `_MetadataUnpickler` (torch 2.9's
+    FileSystemReader.read_metadata otherwise, which FsspecReader inherits)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank", None))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f, path).load()
+            except CheckpointError:
+                raise
+            except Exception as e:  # truncated, not a pickle, a refused argument
+                raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not DCP metadata ({type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _FileSystemReader(_SafeMetadata, dcp.FileSystemReader):
+    pass
+
+
+class _FsspecReader(_SafeMetadata, FsspecReader):
+    pass
+
+
+class _LoadPlanner(dcp.DefaultLoadPlanner):
+    """DCP's default load planner, reading non-tensor values (the optimizer's hyperparameters)
+    with `weights_only=True`: its own `load_bytes` unpickles them with `weights_only=False`."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
 def _reader(path: Location):
-    return FsspecReader(path) if isinstance(path, str) else dcp.FileSystemReader(str(path))
+    return _FsspecReader(path) if isinstance(path, str) else _FileSystemReader(str(path))
 
 
 def _writer(path: Location):
@@ -450,7 +675,7 @@ def restore(
     if not (metadata.is_file() if isinstance(metadata, Path) else _exists(metadata)):
         raise CheckpointError(f"{path}: not a checkpoint (no .metadata)")
     try:
-        if optimizer is not None and not has_optimizer_state(path):
+        if not has_optimizer_state(path):  # reads .metadata safely (_MetadataUnpickler)
             optimizer = None  # e.g. converted pretrained weights: model only
         if optimizer is not None:
             model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -459,8 +684,13 @@ def restore(
             state = {"model": get_model_state_dict(model)}
         with _quiet():
             dcp.load(
-                state, storage_reader=_reader(path), planner=planner, process_group=process_group
+                state,
+                storage_reader=_reader(path),
+                planner=_LoadPlanner() if planner is None else planner,
+                process_group=process_group,
             )
+    except CheckpointError:  # a refused or unreadable .metadata: its own message
+        raise
     except (Exception, CheckpointException) as e:  # the latter is a BaseException
         raise CheckpointError(f"{path}: unreadable checkpoint ({_cause(e)})") from e
     if optimizer is not None:

@@ -146,6 +146,11 @@ def validate(cfg: DictConfig) -> None:
     )
     for key in ("save_frequency", "keep_last_n"):
         _check(int(cfg[key]) >= 0, f"{key}={cfg[key]}: must be >= 0 (0: off)")
+    async_saves = cfg.get("async_checkpointing", "auto")
+    _check(
+        async_saves == "auto" or isinstance(async_saves, bool),
+        f"async_checkpointing={async_saves}: must be auto, true or false",
+    )
     for key in ("tensor_parallelism", "expert_parallelism", "context_parallelism"):
         _check(int(cfg[key]) >= 1, f"{key}={cfg[key]}: must be >= 1")
     slices = cfg.get("num_slices", 1)
@@ -174,6 +179,13 @@ def redacted(node):
     if isinstance(node, list):
         return [redacted(v) for v in node]
     return node
+
+
+def async_checkpointing(cfg: DictConfig, backend: str) -> bool:
+    """Whether saves are written in the background: `async_checkpointing`, auto = on XLA only
+    (where a save's write is long next to a step; clm/checkpoint.py, AsyncSaver)."""
+    value = cfg.get("async_checkpointing", "auto")
+    return backend == "xla" if value == "auto" else bool(value)
 
 
 def warmup_steps(sched: DictConfig) -> int:

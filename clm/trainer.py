@@ -183,6 +183,9 @@ class Trainer:
         # async_steps: steps since the last read whose loss or gradient norm was not finite
         self.nonfinite_steps = torch.zeros((), dtype=torch.int32, device=backend.device)
         self.checked_step = 0  # the last step whose values were read and checked
+        # async_checkpointing: saves written by a background thread (clm.checkpoint.AsyncSaver)
+        self.async_saves = config_lib.async_checkpointing(cfg, backend.name)
+        self.saver: checkpoint.AsyncSaver | None = None
 
     # ---- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -335,6 +338,7 @@ class Trainer:
         )
         self.backend.barrier()
         self.mlperf.run_start()
+        failing = True  # until the loop and the final save are done
         try:
             reached = cfg.do_first_eval and run_eval()
             window_tokens, window_seconds = 0, 0.0
@@ -386,12 +390,15 @@ class Trainer:
                 # a signal may reach the processes between different steps: stop all together
                 if self.backend.any_process(bool(stop_signal)) and not reached:
                     raise Preempted(self._preempted_message())
-            if cfg.save_frequency:
-                self.save_checkpoint(finished=True)
+            if cfg.save_frequency:  # committed before the run ends, also when async
+                self.save_checkpoint(finished=True, wait=True)
+            failing = False
             if reached:
                 self.backend.barrier()
                 self.mlperf.run_stop("success", samples())
         finally:
+            if self.saver is not None:  # an error on its way out: a save in flight ends first
+                self.saver.finish(failing)
             signal.signal(signal.SIGTERM, previous_handler)
             # max_steps without the target, or any exception: the run is aborted
             self.mlperf.run_stop("aborted", samples())
@@ -414,7 +421,7 @@ class Trainer:
             return (
                 f"SIGTERM: stopped after step {self.step} without a checkpoint (save_frequency=0)"
             )
-        saved = self.save_checkpoint(finished=False)
+        saved = self.save_checkpoint(finished=False, wait=True)
         return f"SIGTERM: stopped after step {self.step}; saved {saved}; rerun the same command to resume"
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -440,17 +447,19 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.data_position = state.get("data")  # None: an older checkpoint, replayed instead
 
-    def save_checkpoint(self, finished: bool) -> checkpoint.Location:
-        return checkpoint.save(
-            checkpoint.location(self.cfg.save_dir),
-            self.step,
-            self.model,
-            self.optimizer,
-            self.state_dict(finished),
-            keep_last_n=int(self.cfg.keep_last_n),
-            is_main=self.backend.is_main,
-            **self.backend.checkpoint_options(load=False),
-        )
+    def save_checkpoint(self, finished: bool, wait: bool = False) -> checkpoint.Location:
+        """Save this step; returns its directory. Synchronous, or with `async_saves` staged to
+        host memory here and written by the saver's thread (committed on return with `wait`;
+        otherwise the next save, or the end of the run, waits for it and raises its error)."""
+        args = (checkpoint.location(self.cfg.save_dir), self.step, self.model, self.optimizer)
+        args += (self.state_dict(finished),)
+        kwargs = {"keep_last_n": int(self.cfg.keep_last_n), "is_main": self.backend.is_main}
+        if not self.async_saves:
+            return checkpoint.save(*args, **kwargs, **self.backend.checkpoint_options(load=False))
+        if self.saver is None:  # on every process at the same save (it creates a gloo group)
+            self.saver = checkpoint.AsyncSaver()
+        where = self.saver.save(*args, **kwargs, stage=self.backend.stage_checkpoint)
+        return self.saver.wait() if wait else where
 
     def _watch_compiles(self, what: str, warm: bool, before: int | None) -> int | None:
         """The compile count now; after warm-up a new compile warns or stops the run.

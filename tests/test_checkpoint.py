@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -228,3 +229,64 @@ def test_a_run_saves_to_and_restores_from_a_url(tmp_path):
     for key in ("train/loss", "train/grad_norm", "train/lr"):
         want = [(r["step"], r[key]) for r in expected if key in r and r["step"] > 2]
         assert [(r["step"], r[key]) for r in resumed if key in r] == want, key
+
+
+class Payload:
+    """Pickles as a call of `call(arg)`: what a crafted checkpoint would run when unpickled."""
+
+    def __init__(self, call, arg):
+        self.call, self.arg = call, arg
+
+    def __reduce__(self):
+        return self.call, (self.arg,)
+
+
+@pytest.mark.parametrize("call", ["os.system", "builtins.eval"])
+@pytest.mark.parametrize("protocol", ["local", "file"])
+def test_a_crafted_metadata_pickle_is_refused_and_never_runs(tmp_path, call, protocol):
+    """DCP's `.metadata` is a pickle: restore unpickles it with DCP's own classes only."""
+    import builtins
+
+    model, opt = tiny(0)
+    root = tmp_path if protocol == "local" else f"file://{tmp_path}"
+    where = checkpoint.save(root, 1, model, opt, {"step": 1})
+    sentinel = tmp_path / "ran"
+    if call == "os.system":
+        payload = Payload(os.system, f"touch {sentinel}")
+        refused = f"{os.system.__module__}.system"  # posix.system
+    else:
+        payload = Payload(builtins.eval, f"open({str(sentinel)!r}, 'w').close()")
+        refused = "builtins.eval"
+    metadata = tmp_path / "step_00000001" / ".metadata"
+    real = checkpoint._reader(checkpoint.location(where)).read_metadata()
+    real.planner_data = payload  # anywhere inside real metadata
+    metadata.write_bytes(pickle.dumps(real))
+    for attempt in (
+        lambda: checkpoint.restore(where, *tiny(1)),
+        lambda: checkpoint.restore(where, tiny(1)[0], None),
+        lambda: checkpoint.has_optimizer_state(where),
+    ):
+        with pytest.raises(checkpoint.CheckpointError) as raised:
+            attempt()
+        (line,) = str(raised.value).splitlines()
+        assert line.startswith(f"{where}/.metadata: refused to load {refused} "), line
+        assert not sentinel.exists()
+
+
+def test_optimizer_values_in_the_shards_load_as_plain_values_only(tmp_path):
+    """Non-tensor state (AdamW's hyperparameters) is a pickle inside the shards too; DCP's
+    default planner loads it with weights_only=False, ours with weights_only=True."""
+    import builtins
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, opt = tiny(0)
+    sentinel = tmp_path / "ran"
+    model_sd, optim_sd = get_state_dict(model, opt)
+    optim_sd["param_groups"][0]["lr"] = Payload(builtins.eval, f"open({str(sentinel)!r}, 'w')")
+    with checkpoint._quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path / "c"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"other than plain data \(refused"):
+        checkpoint.restore(tmp_path / "c", *tiny(1))
+    assert not sentinel.exists()

@@ -151,6 +151,7 @@ def test_global_batch_includes_accumulation_and_cadence_formula():
         ("eval_frequency=0", "eval_frequency=0"),
         ("num_slices=0", "num_slices=0: must be a positive integer"),
         ("num_slices=two", "num_slices=two: must be a positive integer"),
+        ("async_checkpointing=yes", "async_checkpointing=yes: must be auto, true or false"),
     ],
 )
 def test_validation_names_the_key(override, message):

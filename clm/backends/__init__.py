@@ -114,6 +114,14 @@ class Backend:
         `planner` and the `process_group` to checkpoint over; {}: DCP's defaults."""
         return {}
 
+    def stage_checkpoint(self, state: dict) -> tuple[dict, object]:
+        """For an asynchronous save (`clm.checkpoint.AsyncSaver`): a copy of the model and
+        optimizer `state` as it is now, in host memory, and the DCP planner to write it with
+        (None: DCP's default). The background writer touches nothing else."""
+        from clm.checkpoint import host_copy
+
+        return host_copy(state), None
+
     def barrier(self) -> None:
         """Wait for every process."""
 

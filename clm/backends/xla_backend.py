@@ -64,6 +64,9 @@ plain DCP: the CPU backend loads them and the SPMD planner loads CPU checkpoints
 chunk by chunk). Both planners first wait for the queued device work: torch_xla reads a
 tensor's shard layout from its device data, which fails while a step is still in flight.
 `save_dir` must be shared by all hosts (a bucket, or one filesystem mounted on each).
+Asynchronous saves (the default here, `async_checkpointing=auto`): `stage_checkpoint` copies
+this host's shards to host memory at the save step, and clm/checkpoint.py's AsyncSaver writes
+them on a thread with `_StagedSpmdSavePlanner` (the same files; it never touches the device).
 
 Multi-slice (`num_slices` > 1): on TPU the mesh is torch_xla's
 `HybridMesh(ici_mesh_shape=(fsdp / num_slices, tensor, expert), dcn_mesh_shape=(num_slices, 1,
@@ -180,6 +183,30 @@ class XlaBackend(Backend):
         """torch_xla's SPMD planners over the hosts' gloo group (module docstring)."""
         planner = _SpmdLoadPlanner() if load else _SpmdSavePlanner()
         return {"planner": planner, "process_group": self.process_group}
+
+    def stage_checkpoint(self, state: dict) -> tuple[dict, SPMDSavePlanner]:
+        """An asynchronous save's copy (clm.checkpoint.AsyncSaver): once the queued device work
+        is done, this host's shards in host memory (torch_xla's `_sharded_cpu_state_dict`, as
+        CheckpointManager.save_async stages them; host tensors cloned), and a planner that
+        writes them without touching the device: the files `checkpoint_options`' planner
+        writes, each host only its shards."""
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+        from torch_xla.experimental.distributed_checkpoint._helpers import (
+            _sharded_cpu_state_dict,
+        )
+
+        _finish_device_work()
+        flat, spec = tree_flatten(state)
+        on_device = [
+            i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.device.type == "xla"
+        ]
+        staged = iter(_sharded_cpu_state_dict([flat[i] for i in on_device]))
+        on_device = set(on_device)
+        flat = [
+            next(staged) if i in on_device else x.clone() if isinstance(x, torch.Tensor) else x
+            for i, x in enumerate(flat)
+        ]
+        return tree_unflatten(flat, spec), _StagedSpmdSavePlanner()
 
     def close(self) -> None:
         if self.process_group is not None and dist.is_initialized():
@@ -370,6 +397,17 @@ class _SpmdSavePlanner(SPMDSavePlanner):
         flat, mappings = flatten_state_dict(state_dict)
         super().set_up_planner(flat, is_coordinator)
         self.mappings = mappings  # saved as the metadata's planner_data, as DCP's planner does
+
+
+class _StagedSpmdSavePlanner(SPMDSavePlanner):
+    """_SpmdSavePlanner for a state staged in host memory (`stage_checkpoint`): no device work
+    to wait for, and it runs on the saver's thread, which must not cut the lazy graph the
+    training thread is tracing (torch_xla.sync)."""
+
+    def set_up_planner(self, state_dict, is_coordinator):
+        flat, mappings = flatten_state_dict(state_dict)
+        super().set_up_planner(flat, is_coordinator)
+        self.mappings = mappings
 
 
 class _SpmdLoadPlanner(SPMDLoadPlanner):
