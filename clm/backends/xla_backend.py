@@ -172,7 +172,6 @@ class XlaBackend(Backend):
         # moved: the same seed gives the same model as backend=cpu (XLA's RNG draws other
         # numbers), and no host holds more than one decoder layer of it.
         self.init_device = torch.device("cpu")
-        self.specs: dict[str, tuple] = {}
         self.profile_step = int(profile_step)
         self.attention = attention
         self.attention_kernel: str | None = None  # which one wrap_model chose (description)
@@ -229,7 +228,6 @@ class XlaBackend(Backend):
         """A host tensor to the devices, sharded by the rules table (`clm.sharding`): like a
         batch, each host transfers only the shards its devices hold."""
         spec = partition_spec(name, tuple(tensor.shape), self.axis_sizes)
-        self.specs[name] = spec
         sharding = _ShardingSpec(self.mesh, spec) if any(e is not None for e in spec) else None
         [out] = xm.send_cpu_data_to_device(tensor, self.device, sharding)
         return out
@@ -391,23 +389,23 @@ def _finish_device_work() -> None:
 # ("optim.param_groups.0.lr"), and neither loads the other's optimizer state. Ours flatten with
 # DCP's own function first, so the files carry DCP's keys and mappings (what the CPU and FSDP
 # backends write and read), and the SPMD planner sees a flat dict that it keeps as it is.
-class _SpmdSavePlanner(SPMDSavePlanner):
+class _StagedSpmdSavePlanner(SPMDSavePlanner):
+    """DCP's keys for a state already in host memory (`stage_checkpoint`): no device work to
+    wait for, and it may run on the saver's thread, which must not cut the lazy graph the
+    training thread is tracing (torch_xla.sync)."""
+
     def set_up_planner(self, state_dict, is_coordinator):  # DCP's older signature, as the base
-        _finish_device_work()
         flat, mappings = flatten_state_dict(state_dict)
         super().set_up_planner(flat, is_coordinator)
         self.mappings = mappings  # saved as the metadata's planner_data, as DCP's planner does
 
 
-class _StagedSpmdSavePlanner(SPMDSavePlanner):
-    """_SpmdSavePlanner for a state staged in host memory (`stage_checkpoint`): no device work
-    to wait for, and it runs on the saver's thread, which must not cut the lazy graph the
-    training thread is tracing (torch_xla.sync)."""
+class _SpmdSavePlanner(_StagedSpmdSavePlanner):
+    """The synchronous save's planner: first waits for the queued device work."""
 
     def set_up_planner(self, state_dict, is_coordinator):
-        flat, mappings = flatten_state_dict(state_dict)
-        super().set_up_planner(flat, is_coordinator)
-        self.mappings = mappings
+        _finish_device_work()
+        super().set_up_planner(state_dict, is_coordinator)
 
 
 class _SpmdLoadPlanner(SPMDLoadPlanner):
