@@ -433,10 +433,70 @@ def build_model(
         if place is None and torch.device(device).type != "cpu":
             place = functools.partial(_to_device, device=device)
         model = load_pretrained(model_cfg.name_or_path, config, dtype, place or keep)
+    return _ready_to_train(model, model_cfg)
+
+
+def _ready_to_train(model: PreTrainedModel, model_cfg: DictConfig) -> PreTrainedModel:
     if model_cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
     return model
+
+
+def build_sharded_model(
+    model_cfg: DictConfig,
+    device: torch.device,
+    seed: int,
+    shard: Callable[[PreTrainedModel], PreTrainedModel],
+) -> PreTrainedModel:
+    """The model sharded by `shard` (FSDP2's `fully_shard`) before any weight exists.
+
+    `shard` runs on the meta-device model, and each process allocates only its shards on
+    `device` (`to_empty`). The weights are then made exactly as `build_model` makes them for
+    one process, a piece (a decoder layer) at a time on the CPU (`materialize`: random init by
+    the CPU generator, or read from safetensors), and each process copies its part of each
+    tensor into its shard (`_copy_local_part`) before the next piece is made: no process or
+    device ever holds the whole model, and every process gets the numbers one process would.
+    """
+    config = build_hf_config(model_cfg)
+    _configure_experts(config, model_cfg)
+    model = shard(_ready_to_train(_meta_model(config, DTYPES[model_cfg.dtype]), model_cfg))
+    model.to_empty(device=device)
+    targets = {
+        **dict(model.named_parameters(remove_duplicate=False)),
+        **dict(model.named_buffers(remove_duplicate=False)),
+    }
+    filled: set[int] = set()
+    copy = functools.partial(_copy_local_part, targets=targets, filled=filled)
+    build_model(model_cfg, torch.device("cpu"), seed, place=copy)
+    unfilled = [name for name, t in targets.items() if id(t) not in filled]
+    if unfilled:  # to_empty left them uninitialized: never train on that
+        raise RuntimeError(f"the sharded model's {', '.join(unfilled[:3])} were never filled")
+    return model
+
+
+@torch.no_grad()
+def _copy_local_part(
+    name: str, tensor: torch.Tensor, targets: dict[str, torch.Tensor], filled: set[int]
+) -> torch.Tensor:
+    """A `materialize` place: this process's part of `tensor` into the sharded model's `name`
+    (a DTensor's local shard, or a whole unsharded buffer); the CPU tensor is then dropped
+    (a meta stand-in is returned)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    target = targets[name]
+    if isinstance(target, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(
+            target.shape, target.device_mesh, target.placements
+        )
+        target.to_local().copy_(
+            tensor[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+        )
+    else:
+        target.copy_(tensor)
+    filled.add(id(target))
+    return torch.empty_like(tensor, device="meta")
 
 
 def _to_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -560,10 +560,15 @@ def run(cfg: DictConfig) -> Summary:
             "(set model.config_path=null to load its weights)",
             flush=True,
         )
-    place = backend.place if backend.places_weights else None
-    model = model_lib.build_model(cfg.model, backend.init_device, cfg.seed, place)
+    if backend.shards_meta_model:
+        model = model_lib.build_sharded_model(
+            cfg.model, backend.device, cfg.seed, backend.wrap_model
+        )
+    else:
+        place = backend.place if backend.places_weights else None
+        model = model_lib.build_model(cfg.model, backend.init_device, cfg.seed, place)
+        model = backend.wrap_model(model)
     _check_vocab(cfg, model, tokenizer)
-    model = backend.wrap_model(model)
     optimizer = optim.build_optimizer(
         model, cfg, backend.device, backend.optimizer_class(cfg.optimizer)
     )

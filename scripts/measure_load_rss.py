@@ -4,6 +4,7 @@
     python scripts/measure_load_rss.py /tmp/mixtral-86m --dtype bfloat16
     python scripts/measure_load_rss.py /tmp/mixtral-86m-bf16 --save-dtype bfloat16 --dtype bfloat16
     python scripts/measure_load_rss.py /tmp/mixtral-86m --xla 4        # onto 4 XLA CPU devices
+    python scripts/measure_load_rss.py /tmp/mixtral-86m --fsdp 2       # 2 FSDP2 ranks (gloo)
 
 Each load runs in a fresh process; it prints the peak RSS (VmHWM) above the RSS after imports,
 and what stays resident after the load (anonymous memory vs pages of mapped files).
@@ -14,6 +15,11 @@ device memory is host memory, so the model itself counts once in every row): `xl
 it whole on the CPU, then the backend shards it (`wrap_model`); `xla-pieces` is what the trainer
 does, each piece (a decoder layer, or another module) read and handed to the backend's sharded
 transfer before the next is read (`build_model(..., place=backend.place)`).
+With `--fsdp N` it runs under torchrun as N CPU processes of the FSDP2 backend (each line is one
+rank; on CPU a rank's shards are host memory, so 1/N of the model counts in every row):
+`fsdp-whole` loads the whole model in each rank, then shards it; `fsdp-pieces` is what the
+trainer does, sharding the meta model and copying each rank's slice of each piece
+(`build_sharded_model`).
 """
 
 from __future__ import annotations
@@ -68,6 +74,23 @@ def measure(directory: str, dtype: str, loader: str) -> None:
         from clm.backends.xla_backend import XlaBackend
 
         backend = XlaBackend()
+    if loader.startswith("fsdp"):
+        from hydra import compose, initialize_config_dir
+
+        from clm import config as config_lib
+        from clm.backends.fsdp_backend import FsdpBackend
+
+        config_lib.register_resolvers()
+        with initialize_config_dir(str(config_lib.CLM_DIR / "config"), version_base=None):
+            cfg = compose(
+                "config",
+                overrides=[
+                    "model.config_path=null",
+                    f"model.name_or_path={directory}",
+                    f"model.dtype={dtype}",
+                ],
+            )
+        backend = FsdpBackend(cfg, "cpu")
     before = {key: status(key) for key in ("VmRSS:", "RssAnon:", "RssFile:")}
     start = time.perf_counter()
     if loader == "xla-whole":
@@ -78,6 +101,12 @@ def measure(directory: str, dtype: str, loader: str) -> None:
         model = backend.wrap_model(
             model_lib.load_pretrained(directory, config, model_lib.DTYPES[dtype], backend.place)
         )
+    elif loader == "fsdp-whole":
+        model = backend.wrap_model(
+            model_lib.load_pretrained(directory, config, model_lib.DTYPES[dtype])
+        )
+    elif loader == "fsdp-pieces":
+        model = model_lib.build_sharded_model(cfg.model, backend.device, 0, backend.wrap_model)
     elif loader == "clm":
         model = model_lib.load_pretrained(directory, config, model_lib.DTYPES[dtype])
     else:
@@ -86,6 +115,9 @@ def measure(directory: str, dtype: str, loader: str) -> None:
         )
     seconds = time.perf_counter() - start
     size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    if backend is not None and loader.startswith("fsdp"):  # global sizes; rank r's line
+        loader = f"{loader} rank {backend.rank}"
+        backend.close()
     peak = status("VmHWM:") - before["VmRSS:"]
     anon = status("RssAnon:") - before["RssAnon:"]
     files = status("RssFile:") - before["RssFile:"]
@@ -105,7 +137,8 @@ def main() -> int:
     parser.add_argument(
         "--xla", type=int, metavar="N", help="load onto N devices of torch_xla's CPU runtime"
     )
-    loaders = ["clm", "hf", "xla-whole", "xla-pieces"]
+    parser.add_argument("--fsdp", type=int, metavar="N", help="load into N FSDP2 CPU processes")
+    loaders = ["clm", "hf", "xla-whole", "xla-pieces", "fsdp-whole", "fsdp-pieces"]
     parser.add_argument("--loader", choices=loaders, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loader:
@@ -116,8 +149,16 @@ def main() -> int:
     env = dict(os.environ)
     if args.xla:
         env.update(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(args.xla))
-    for loader in ("xla-whole", "xla-pieces") if args.xla else ("hf", "clm"):
-        command = [sys.executable, __file__, str(args.directory), "--dtype", args.dtype]
+    loaders = ("hf", "clm")
+    launcher = [sys.executable]
+    if args.xla:
+        loaders = ("xla-whole", "xla-pieces")
+    elif args.fsdp:
+        loaders = ("fsdp-whole", "fsdp-pieces")
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.fsdp}"]
+        env["OMP_NUM_THREADS"] = "1"
+    for loader in loaders:
+        command = [*launcher, __file__, str(args.directory), "--dtype", args.dtype]
         subprocess.run([*command, "--loader", loader], check=True, env=env)
     return 0
 

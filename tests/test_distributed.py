@@ -224,13 +224,18 @@ SCRIPT = textwrap.dedent("""
         cfg = compose("config", overrides=sys.argv[1:])
     backend = select_backend(cfg)
     config_lib.finalize(cfg, backend.data_parallel_size)
-    model = backend.wrap_model(model_lib.build_model(cfg.model, backend.init_device, 0))
+    model = model_lib.build_sharded_model(cfg.model, backend.device, 0, backend.wrap_model)
+    ref = model_lib.build_model(cfg.model, torch.device("cpu"), 0)
+    ref_params = dict(ref.named_parameters())
     out = {"rank": backend.rank, "params": {}}
     for name, p in model.named_parameters():
+        # this rank's shard holds exactly its slice of the one-process model's weights
+        local = torch.distributed.tensor.DTensor.full_tensor(p)
         out["params"][name] = {
             "global": list(p.shape), "local": list(p.to_local().shape),
             "placements": [type(x).__name__ + str(x.dim) for x in p.placements],
             "mesh": list(p.device_mesh.mesh_dim_names), "dtype": str(p.dtype),
+            "equal": torch.equal(local, ref_params[name].detach()),
         }
 
     # one train_step, no clipping, against the unsharded model: the aux loss is the mean
@@ -244,7 +249,6 @@ SCRIPT = textwrap.dedent("""
     trainer = Trainer(cfg, backend, model, opt, sched, None, None,
                       MetricsWriter(None, enabled=False), MLPerfLogger(cfg, None, enabled=False))
     values = trainer.train_step(backend.local_rows(batch))
-    ref = model_lib.build_model(cfg.model, torch.device("cpu"), 0)
     halves = [model_lib.forward(ref, {k: v[i:i + 4] for k, v in batch.items()}, True)
               for i in (0, 4)]
     nll = sum(h[0] for h in halves)
@@ -260,7 +264,8 @@ SCRIPT = textwrap.dedent("""
         with initialize_config_dir(str(config_lib.CLM_DIR / "config"), version_base=None):
             cfg16 = compose("config", overrides=sys.argv[1:] + ["model.dtype=bfloat16"])
         backend16 = FsdpBackend(cfg16, "cpu")
-        model16 = backend16.wrap_model(model_lib.build_model(cfg16.model, torch.device("cpu"), 0))
+        model16 = model_lib.build_sharded_model(cfg16.model, torch.device("cpu"), 0,
+                                                backend16.wrap_model)
         # the sharded parameters (what AdamW updates), before a forward swaps in bf16 copies
         dtypes = sorted({str(p.dtype) for p in model16.parameters()})
         logits = model16(input_ids=ids[:4]).logits
@@ -307,6 +312,7 @@ def test_shards_and_aux_loss_semantics(tmp_path, expert_parallelism):
             assert p["mesh"] == ["dp"] and p["placements"] == ["Shard0"], name
         assert local == [full[0] // 2, *full[1:]], (name, local, full)
         assert p["dtype"] == "torch.float32"
+        assert p["equal"], name  # the gathered shards are bitwise the one-process weights
     # with ep=2 the expert weights [8, 512, 128] leave 4 experts on each rank
     assert params["model.layers.0.mlp.experts.gate_up_proj"]["local"] == [4, 512, 128]
     train, ref = out["train"], out["ref"]
@@ -339,3 +345,67 @@ def test_unsupported_settings_are_config_errors(monkeypatch, override, message):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; refused before any rendezvous
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
         select_backend(cfg)
+
+
+LOAD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from hydra import compose, initialize_config_dir
+    from torch.distributed.tensor import DTensor
+    from clm import config as config_lib, model as model_lib
+    from clm.backends import select_backend
+
+    config_lib.register_resolvers()
+    with initialize_config_dir(str(config_lib.CLM_DIR / "config"), version_base=None):
+        cfg = compose("config", overrides=sys.argv[1:])
+    backend = select_backend(cfg)
+    model = model_lib.build_sharded_model(cfg.model, backend.device, 0, backend.wrap_model)
+    whole = model_lib.build_model(cfg.model, torch.device("cpu"), 0)
+    expected = dict(whole.named_parameters()) | dict(whole.named_buffers())
+    differ, local = [], 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if isinstance(t, DTensor):
+            local += t.to_local().numel()
+            t = t.full_tensor()
+        if not torch.equal(t, expected[name].detach()):
+            differ.append(name)
+    total = sum(p.numel() for p in whole.parameters())
+    if backend.rank == 0:
+        print("RESULT " + json.dumps({"differ": differ, "local": local, "total": total}))
+    backend.close()
+    """)
+
+
+@pytest.mark.parametrize("expert_parallelism", [1, 2])
+def test_pretrained_checkpoint_is_read_into_the_shards(tmp_path, expert_parallelism):
+    """model.name_or_path=<HF dir> under torchrun: the gathered shards are bitwise the weights
+    one process reads, and each rank holds half of them."""
+    from conftest import tiny_mixtral_config
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = tmp_path / "hf"
+    AutoModelForCausalLM.from_config(tiny_mixtral_config()).save_pretrained(
+        hf_dir, max_shard_size="1MB"
+    )
+    assert len(list(hf_dir.glob("*.safetensors"))) > 1
+    env = env_for(tmp_path)
+    env["PYTHONPATH"] = str(ROOT)
+    overrides = [
+        "backend=cpu",
+        "model.config_path=null",
+        f"model.name_or_path={hf_dir}",
+        "model.capacity_factor=0",
+        f"expert_parallelism={expert_parallelism}",
+    ]
+    proc = subprocess.run(
+        [*torchrun(), "--no-python", sys.executable, "-c", LOAD_SCRIPT, *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert out["differ"] == []
+    assert out["local"] == out["total"] // 2

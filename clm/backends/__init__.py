@@ -42,6 +42,9 @@ class Backend:
     # trainer then builds it a piece at a time on the CPU (`clm.model.materialize`), handing
     # each tensor to `place` as soon as it is made.
     places_weights = False
+    # True where `wrap_model` shards a meta-device model and each process allocates only its
+    # shards (FSDP2): the trainer then fills them a piece at a time (`build_sharded_model`).
+    shards_meta_model = False
 
     def place(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor of parameter (or buffer) `name`, made on the CPU, moved where it lives."""

@@ -47,9 +47,14 @@ splits the data too, as on XLA), so `data_parallel_size` is the world size.
 Checkpoints: clm/checkpoint.py's DCP save/load, one shard per rank, every rank taking part
 (multi-node: `save_dir` must be a filesystem every node sees).
 
-Not done: initialization of a model larger than one device (each rank builds the whole model
-on its device, then shards it; Mixtral-8x22B needs a meta-device build with sharded init),
-tensor, context and pipeline parallelism (ConfigError), HSDP (replicate across nodes, shard
+Initialization (`clm.model.build_sharded_model`): `wrap_model` shards the model while it is
+still on the meta device, each rank allocates only its shards, and the weights are then made a
+decoder layer at a time on the CPU (random init by the CPU generator, or read from safetensors),
+each rank copying its slice into its shards before the next layer is made. No rank, host or GPU
+holds the whole model (a host holds one layer per rank: Mixtral-8x22B, 2.5G parameters), and the
+weights are bitwise those one process would make.
+
+Not done: tensor, context and pipeline parallelism (ConfigError), HSDP (replicate across nodes, shard
 within), torch.compile, and overlap tuning (prefetch limits, reshard-after-forward choices).
 """
 
@@ -84,6 +89,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 class FsdpBackend(Backend):
     name = "fsdp"
+    shards_meta_model = True  # wrap_model runs on the meta model; see clm.model.build_sharded_model
 
     def __init__(self, cfg: DictConfig, device_type: str):
         for key in ("tensor_parallelism", "context_parallelism", "pipeline_parallelism"):
