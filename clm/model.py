@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -134,6 +136,8 @@ def safetensors_header(path: Path) -> tuple[int, dict]:
 
 
 Place = Callable[[str, torch.Tensor], torch.Tensor]
+# (name, shape) -> the box of that tensor a place keeps (one slice per dim), or None for all
+Region = Callable[[str, tuple], "tuple[slice, ...] | None"]
 
 
 def keep(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -141,18 +145,25 @@ def keep(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def load_pretrained(name_or_path: str, config: PretrainedConfig, dtype: torch.dtype, place=keep):
+def load_pretrained(
+    name_or_path: str,
+    config: PretrainedConfig,
+    dtype: torch.dtype,
+    place: Place = keep,
+    region: Region | None = None,
+):
     """A local HF checkpoint: safetensors only, no remote code, nothing downloaded.
 
     A directory is read module by module (`materialize`, `SafetensorsReader`), each tensor
     handed to `place` once read: the host holds one module's tensors beyond what `place` keeps.
+    With `region` (the part of each tensor `place` keeps), only that part is read.
     A name found only in the local HF cache goes through transformers' `from_pretrained` (the
     whole model on the CPU first).
     """
     if Path(name_or_path).is_dir():
         files = check_safetensors(Path(name_or_path))
         model = _meta_model(config, dtype)
-        with SafetensorsReader(files) as reader:
+        with SafetensorsReader(files, region) as reader:
             reader.plan(model)  # every missing tensor is named before anything is read
             materialize(model, reader.fill, place)
         return model
@@ -208,7 +219,7 @@ def materialize(model: PreTrainedModel, fill, place: Place) -> None:
                 fresh[prefix + name] = (slots, name, old, new)
         return fresh
 
-    def place_all(fresh: dict) -> None:
+    def place_piece(fresh: dict) -> None:
         for full, (slots, name, old, new) in fresh.items():
             value = place(full, new.detach())
             if isinstance(new, torch.nn.Parameter):
@@ -225,14 +236,14 @@ def materialize(model: PreTrainedModel, fill, place: Place) -> None:
             if piece is None and isinstance(module, torch.nn.ModuleList):  # a layer: one piece
                 layer: dict = {}
                 visit(child, f"{prefix}{name}.", child_owner, layer)
-                place_all(layer)
+                place_piece(layer)
             else:
                 visit(child, f"{prefix}{name}.", child_owner, piece)
         fresh = make(module, prefix)
         if fresh or piece is not None:  # in a layer, a parent's init may redo its children's
             fill(owner, module, {full: item[3] for full, item in fresh.items()})
         if piece is None:
-            place_all(fresh)
+            place_piece(fresh)
         else:
             piece.update(fresh)
 
@@ -277,13 +288,16 @@ def place_all(model: torch.nn.Module, place: Place) -> None:
 _FUSED_EXPERTS = re.compile(r"^(.*)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
-def _pieces(name: str, tensor: torch.Tensor, prefix: str) -> list[list[tuple[torch.Tensor, str]]]:
+Index = tuple  # of ints and slices: a region of a tensor, as in tensor[index]
+
+
+def _pieces(name: str, tensor: torch.Tensor, prefix: str) -> list[list[tuple[Index, str]]]:
     """Ways to fill `tensor` (model name `name`): lists of (region of it, checkpoint key)."""
     names = [name]
     if prefix and name.startswith(prefix + "."):
         names.append(name[len(prefix) + 1 :])  # checkpoints saved from the base model
-    ways = [[(tensor, n)] for n in names]
-    ways += [[(tensor, n.replace(".mlp.gate.", ".block_sparse_moe.gate."))] for n in names]
+    ways = [[((), n)] for n in names]
+    ways += [[((), n.replace(".mlp.gate.", ".block_sparse_moe.gate."))] for n in names]
     fused = _FUSED_EXPERTS.match(name)
     if fused:  # Mixtral's original per-expert layout
         experts = fused.group(1) + ".block_sparse_moe.experts"
@@ -291,14 +305,32 @@ def _pieces(name: str, tensor: torch.Tensor, prefix: str) -> list[list[tuple[tor
             half = tensor.shape[1] // 2
             ways.append(
                 [
-                    (tensor[e, w * half : (w + 1) * half], f"{experts}.{e}.w{n}.weight")
+                    ((e, slice(w * half, (w + 1) * half)), f"{experts}.{e}.w{n}.weight")
                     for e in range(tensor.shape[0])
                     for w, n in ((0, 1), (1, 3))
                 ]
             )
         else:  # down_proj [E, H, I]
-            ways.append([(tensor[e], f"{experts}.{e}.w2.weight") for e in range(tensor.shape[0])])
+            ways.append([((e,), f"{experts}.{e}.w2.weight") for e in range(tensor.shape[0])])
     return ways
+
+
+def _part_in_box(index: Index, box: tuple[slice, ...], shape) -> tuple[slice, ...] | None:
+    """The part of tensor[index] that lies in `box` (tensor's coordinates, one slice with
+    explicit bounds per dim), in tensor[index]'s own coordinates; None where they do not meet."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    part = []
+    for i, b, n in zip(index, box, shape, strict=True):
+        if isinstance(i, int):
+            if not b.start <= i < b.stop:
+                return None
+            continue
+        start, stop, _ = i.indices(n)
+        low, high = max(start, b.start), min(stop, b.stop)
+        if low >= high:
+            return None
+        part.append(slice(low - start, high - start))
+    return tuple(part)
 
 
 class SafetensorsReader:
@@ -310,10 +342,16 @@ class SafetensorsReader:
     `plan` names every parameter the shards lack before anything is read; a shape mismatch or
     a short read raises ValueError naming the tensor and the file. Non-persistent buffers
     (rotary frequencies) are computed by the model's own init.
+
+    `region(name, shape)`, when given (a sharded backend's), is the box of each tensor its
+    process keeps (one slice per dim, or None for all of it): only the bytes in it are read and
+    the rest of the CPU tensor is left unset, so each process reads its part of the checkpoint
+    (FSDP: 1/N), not all of it.
     """
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], region: Region | None = None):
         self.directory = files[0].parent
+        self.region = region
         self.where: dict[str, tuple[Path, int, dict]] = {}
         for path in files:
             start, header = safetensors_header(path)
@@ -325,6 +363,7 @@ class SafetensorsReader:
         self.ways: dict[str, tuple[str, int]] = {}
         self.prefix = ""
         self._open: dict[Path, object] = {}
+        self.bytes_read = 0
 
     def __enter__(self):
         return self
@@ -368,38 +407,65 @@ class SafetensorsReader:
         for name, tensor in tensors.items():
             if name not in self.ways:  # a non-persistent buffer
                 continue
-            source, index = self.ways[name]
-            for region, key in _pieces(source, tensor, self.prefix)[index]:
+            source, way = self.ways[name]
+            box = self.region(name, tuple(tensor.shape)) if self.region else None
+            for index, key in _pieces(source, tensor, self.prefix)[way]:
+                part = _part_in_box(index, box, tensor.shape) if box else ()
+                if part is None:  # none of it is kept here
+                    continue
                 path, start, entry = self.where[key]
                 if path not in self._open:
                     self._open[path] = open(path, "rb")
-                _read_tensor(self._open[path], path, start, key, entry, region)
+                self.bytes_read += _read_tensor(
+                    self._open[path], path, start, key, entry, tensor[index], part
+                )
             tensor._is_hf_initialized = True  # HF's init below leaves loaded tensors alone
         if module._non_persistent_buffers_set:  # e.g. rotary inv_freq: not in checkpoints
             with hf_init.guard_torch_init_functions():
                 owner._init_weights(module)
 
 
-def _read_tensor(f, path: Path, start: int, key: str, entry: dict, region: torch.Tensor) -> None:
+def _read_tensor(
+    f, path: Path, start: int, key: str, entry: dict, region: torch.Tensor, part: tuple = ()
+) -> int:
+    """Checkpoint tensor `key` into `region`; with `part` (slices), only region[part]: one
+    contiguous read per run of it (a dim-0 slice is one read). Returns the bytes read."""
     dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
     if dtype is None:
         raise ValueError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}")
-    if list(region.shape) != list(entry["shape"]):
+    shape = list(entry["shape"])
+    if list(region.shape) != shape:
         raise ValueError(
-            f"{path}: tensor {key} has shape {entry['shape']}, the model expects "
-            f"{list(region.shape)}"
+            f"{path}: tensor {key} has shape {shape}, the model expects {list(region.shape)}"
         )
     begin, end = entry["data_offsets"]
-    direct = dtype == region.dtype and region.is_contiguous()
-    target = region if direct else torch.empty(region.shape, dtype=dtype)
-    buffer = target.reshape(-1).view(torch.uint8).numpy()
-    if end - begin != buffer.nbytes:
-        raise ValueError(f"{path}: tensor {key} has {end - begin} bytes, expected {buffer.nbytes}")
-    f.seek(start + begin)
-    if f.readinto(buffer) != buffer.nbytes:
-        raise ValueError(f"{path}: truncated while reading tensor {key}")
-    if not direct:
-        region.copy_(target)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end - begin != math.prod(shape) * itemsize:
+        raise ValueError(
+            f"{path}: tensor {key} has {end - begin} bytes, expected {math.prod(shape) * itemsize}"
+        )
+    if not shape:  # a scalar: one element
+        shape, region = [1], region.reshape(1)
+    part = [b.indices(n)[:2] for b, n in zip(part, shape, strict=False)]
+    part += [(0, n) for n in shape[len(part) :]]
+    # the runs: every index of the dims before the last partial one, then all the rest
+    last = max((d for d, (a, b) in enumerate(part) if (a, b) != (0, shape[d])), default=0)
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    read = 0
+    for prefix in itertools.product(*(range(a, b) for a, b in part[:last])):
+        first, stop = part[last]
+        offset = sum(i * s for i, s in zip(prefix, strides, strict=False)) + first * strides[last]
+        run = region[prefix][first:stop]
+        direct = dtype == run.dtype and run.is_contiguous()
+        target = run if direct else torch.empty(run.shape, dtype=dtype)
+        buffer = target.reshape(-1).view(torch.uint8).numpy()
+        f.seek(start + begin + offset * itemsize)
+        if f.readinto(buffer) != buffer.nbytes:
+            raise ValueError(f"{path}: truncated while reading tensor {key}")
+        read += buffer.nbytes
+        if not direct:
+            run.copy_(target)
+    return read
 
 
 def is_moe(config: PretrainedConfig) -> bool:
@@ -407,13 +473,18 @@ def is_moe(config: PretrainedConfig) -> bool:
 
 
 def build_model(
-    model_cfg: DictConfig, device: torch.device, seed: int, place: Place | None = None
+    model_cfg: DictConfig,
+    device: torch.device,
+    seed: int,
+    place: Place | None = None,
+    region: Region | None = None,
 ) -> PreTrainedModel:
     """The model on `device`, in `model.dtype`, in train mode.
 
     `place` (a backend's, e.g. XLA's sharded transfer): the model is made one module at a time
     on the CPU (`materialize`) and each tensor handed to `place`, so no host ever holds the
-    whole model; the random init is the same as without it. Without `place`, a random model is
+    whole model; the random init is the same as without it. With `region` too, each host reads
+    only the part of each checkpoint tensor `place` keeps. Without `place`, a random model is
     initialized whole on `device`, and a pretrained one is still read module by module, each
     tensor moved to `device`.
     """
@@ -432,7 +503,7 @@ def build_model(
     else:
         if place is None and torch.device(device).type != "cpu":
             place = functools.partial(_to_device, device=device)
-        model = load_pretrained(model_cfg.name_or_path, config, dtype, place or keep)
+        model = load_pretrained(model_cfg.name_or_path, config, dtype, place or keep, region)
     return _ready_to_train(model, model_cfg)
 
 
@@ -455,48 +526,58 @@ def build_sharded_model(
     `device` (`to_empty`). The weights are then made exactly as `build_model` makes them for
     one process, a piece (a decoder layer) at a time on the CPU (`materialize`: random init by
     the CPU generator, or read from safetensors), and each process copies its part of each
-    tensor into its shard (`_copy_local_part`) before the next piece is made: no process or
-    device ever holds the whole model, and every process gets the numbers one process would.
+    tensor into its shard (`LocalParts`) before the next piece is made: no process or device
+    ever holds the whole model, and every process gets the numbers one process would. From a
+    checkpoint, each process reads only its parts' bytes.
     """
     config = build_hf_config(model_cfg)
     _configure_experts(config, model_cfg)
     model = shard(_ready_to_train(_meta_model(config, DTYPES[model_cfg.dtype]), model_cfg))
     model.to_empty(device=device)
-    targets = {
-        **dict(model.named_parameters(remove_duplicate=False)),
-        **dict(model.named_buffers(remove_duplicate=False)),
-    }
-    filled: set[int] = set()
-    copy = functools.partial(_copy_local_part, targets=targets, filled=filled)
-    build_model(model_cfg, torch.device("cpu"), seed, place=copy)
-    unfilled = [name for name, t in targets.items() if id(t) not in filled]
+    parts = LocalParts(model)
+    build_model(model_cfg, torch.device("cpu"), seed, parts, parts.region)
+    unfilled = [name for name, t in parts.targets.items() if id(t) not in parts.filled]
     if unfilled:  # to_empty left them uninitialized: never train on that
         raise RuntimeError(f"the sharded model's {', '.join(unfilled[:3])} were never filled")
     return model
 
 
-@torch.no_grad()
-def _copy_local_part(
-    name: str, tensor: torch.Tensor, targets: dict[str, torch.Tensor], filled: set[int]
-) -> torch.Tensor:
-    """A `materialize` place: this process's part of `tensor` into the sharded model's `name`
-    (a DTensor's local shard, or a whole unsharded buffer); the CPU tensor is then dropped
-    (a meta stand-in is returned)."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+class LocalParts:
+    """A `materialize` place into a sharded model: this process's part of each CPU tensor is
+    copied into the sharded model's tensor of the same name (a DTensor's local shard, or a
+    whole unsharded buffer), and the CPU tensor dropped (a meta stand-in is returned).
 
-    target = targets[name]
-    if isinstance(target, DTensor):
+    `region` is that part as a box, so a checkpoint reader reads only it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.targets = {
+            **dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False)),
+        }
+        self.filled: set[int] = set()
+
+    def region(self, name: str, shape: tuple = ()) -> tuple[slice, ...] | None:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        target = self.targets[name]
+        if not isinstance(target, DTensor):
+            return None
         shape, offset = compute_local_shape_and_global_offset(
             target.shape, target.device_mesh, target.placements
         )
-        target.to_local().copy_(
-            tensor[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
-        )
-    else:
-        target.copy_(tensor)
-    filled.add(id(target))
-    return torch.empty_like(tensor, device="meta")
+        return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+    @torch.no_grad()
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        target = self.targets[name]
+        box = self.region(name)
+        if box is None:
+            target.copy_(tensor)
+        else:
+            target.to_local().copy_(tensor[box])
+        self.filled.add(id(target))
+        return torch.empty_like(tensor, device="meta")
 
 
 def _to_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

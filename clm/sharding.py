@@ -13,8 +13,9 @@ expert group, and each slice's share of the fsdp gathers, stays on one slice's f
 interconnect (ICI); only the data-parallel part of the gradient reduction crosses DCN.
 
 Which rows of a batch each device holds, and so which rows each host transfers under
-multi-host SPMD, is `rows_by_device` / `host_rows` (torch_xla's sharded transfer cuts the rows
-the same way; tests/test_xla.py checks it on real device shards).
+multi-host SPMD, is `rows_by_device` / `host_rows`; of a parameter, `blocks_by_device` /
+`host_box` (a host reads only that box of each tensor from a checkpoint). torch_xla's sharded
+transfer cuts them the same way; tests/test_xla.py checks both on real device shards.
 
 `SHARDING_RULES`: the first rule whose pattern matches a parameter's name gives one entry per
 dimension (a mesh axis, a tuple of axes, or None). Axes of size 1 are no-ops, so with
@@ -122,24 +123,58 @@ def slices_are_outermost(
     )
 
 
-def rows_by_device(device_ids: Sequence[int], shape: tuple[int, int, int], rows: int) -> dict:
-    """{device id: range of batch rows it holds} for a batch split on BATCH_AXES.
+def blocks_by_device(
+    device_ids: Sequence[int], shape: tuple[int, int, int], spec: tuple, tensor_shape
+) -> dict[int, tuple[slice, ...]]:
+    """{device id: the block of a tensor it holds} for a tensor sharded by `spec` (one entry per
+    dim: None, an axis, or a tuple of axes; the dims divisible, as `partition_spec` ensures).
 
-    `device_ids` is the mesh's row-major device order (`mesh_device_ids`). Rows are split into
-    fsdp x expert equal blocks, block index = fsdp index x expert + expert index (the order of
-    the spec's axis tuple); the tensor axis holds replicas.
+    `device_ids` is the mesh's row-major device order (`mesh_device_ids`). A dim sharded over
+    axes (a, b) is cut into a x b equal blocks, block index = a index x b size + b index (the
+    order of the tuple; torch_xla's tile assignment); axes not in the spec hold replicas.
     """
-    fsdp, tensor, expert = shape
-    blocks = fsdp * expert
-    if rows % blocks:
-        raise ConfigError(f"{rows} rows do not split over {blocks} data-parallel devices")
-    size = rows // blocks
+    sizes = dict(zip(MESH_AXES, shape, strict=True))
     out = {}
     for position, device in enumerate(device_ids):
-        f, rest = divmod(position, tensor * expert)
-        block = f * expert + rest % expert
-        out[device] = range(block * size, (block + 1) * size)
+        coords, rest = {}, position
+        for axis in reversed(MESH_AXES):
+            rest, coords[axis] = divmod(rest, sizes[axis])
+        box = []
+        for entry, n in zip(spec, tensor_shape, strict=True):
+            index, blocks = 0, 1
+            for axis in axes_of(entry):
+                index, blocks = index * sizes[axis] + coords[axis], blocks * sizes[axis]
+            size = n // blocks
+            box.append(slice(index * size, (index + 1) * size))
+        out[device] = tuple(box)
     return out
+
+
+def host_box(
+    device_ids: Sequence[int],
+    shape: tuple[int, int, int],
+    spec: tuple,
+    tensor_shape,
+    local_ids: Sequence[int],
+) -> tuple[slice, ...]:
+    """The smallest box of a tensor that holds every block of a host's devices `local_ids`:
+    what that host must read of it (the sharded transfer cuts only their blocks)."""
+    blocks = blocks_by_device(device_ids, shape, spec, tensor_shape)
+    mine = [blocks[d] for d in local_ids]
+    return tuple(
+        slice(min(b[i].start for b in mine), max(b[i].stop for b in mine))
+        for i in range(len(tensor_shape))
+    )
+
+
+def rows_by_device(device_ids: Sequence[int], shape: tuple[int, int, int], rows: int) -> dict:
+    """{device id: range of batch rows it holds} for a batch split on BATCH_AXES (the tensor
+    axis holds replicas)."""
+    fsdp, tensor, expert = shape
+    if rows % (fsdp * expert):
+        raise ConfigError(f"{rows} rows do not split over {fsdp * expert} data-parallel devices")
+    blocks = blocks_by_device(device_ids, shape, (BATCH_AXES,), (rows,))
+    return {device: range(box[0].start, box[0].stop) for device, box in blocks.items()}
 
 
 def host_rows(

@@ -565,8 +565,10 @@ def run(cfg: DictConfig) -> Summary:
             cfg.model, backend.device, cfg.seed, backend.wrap_model
         )
     else:
-        place = backend.place if backend.places_weights else None
-        model = model_lib.build_model(cfg.model, backend.init_device, cfg.seed, place)
+        place, region = None, None
+        if backend.places_weights:
+            place, region = backend.place, backend.region
+        model = model_lib.build_model(cfg.model, backend.init_device, cfg.seed, place, region)
         model = backend.wrap_model(model)
     _check_vocab(cfg, model, tokenizer)
     optimizer = optim.build_optimizer(

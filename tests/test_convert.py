@@ -67,6 +67,52 @@ def test_loaded_a_piece_at_a_time_into_place(hf_dir):
     assert order == sorted(order)  # layer by layer
 
 
+def middle(shape) -> tuple[slice, ...]:
+    """A box inside a tensor, partial in every dim: [n//3, n - n//4)."""
+    return tuple(slice(n // 3, n - n // 4) for n in shape)
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_only_the_kept_part_of_each_tensor_is_read(hf_dir, tmp_path, layout):
+    """With a place's `region` (a sharded backend's), each tensor's box is read and nothing
+    else: exactly its bytes, counted, and in the fused layout the bytes outside the boxes are
+    NaNs in the file; the kept parts are HF's weights."""
+    from safetensors.torch import save_file
+
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()
+    directory = hf_dir  # Mixtral's per-expert w1/w2/w3: boxes cut across several keys
+    if layout == "fused":  # the model's own names: the boxes can be poisoned around in the file
+        directory = tmp_path / "fused"
+        directory.mkdir()
+        (directory / "config.json").write_text((hf_dir / "config.json").read_text())
+        poisoned = {}
+        for name, value in reference.items():
+            poisoned[name] = torch.full_like(value, float("nan"))
+            poisoned[name][middle(value.shape)] = value[middle(value.shape)]
+        save_file(poisoned, directory / "model.safetensors", metadata={"format": "pt"})
+    config = model_lib._pretrained_config(str(directory))
+    model = model_lib._meta_model(config, torch.float32)
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    kept = {}
+
+    def place(name, tensor):
+        kept[name] = tensor[middle(tensor.shape)].clone()
+        return tensor
+
+    def region(name, shape):
+        assert shape == shapes[name]
+        return middle(shape)
+
+    with model_lib.SafetensorsReader([directory / "model.safetensors"], region) as reader:
+        reader.plan(model)
+        model_lib.materialize(model, reader.fill, place)
+    assert kept.keys() >= reference.keys()
+    assert [n for n in reference if not torch.equal(kept[n], reference[n][middle(shapes[n])])] == []
+    kept_bytes = sum(kept[n].numel() * kept[n].element_size() for n in reference)
+    assert reader.bytes_read == kept_bytes > 0  # (the rotary buffers are computed, not read)
+    assert reader.bytes_read < sum(t.numel() * t.element_size() for t in reference.values()) / 4
+
+
 def test_a_sharded_checkpoint_with_a_missing_shard_or_tensor_is_named(hf_dir, tmp_path):
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(hf_dir).save_pretrained(sharded, max_shard_size="2MB")

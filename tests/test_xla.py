@@ -501,8 +501,12 @@ SHARDS_SCRIPT = textwrap.dedent("""
     import torch
     import torch_xla.distributed.spmd as xs
     from clm.backends.xla_backend import XlaBackend
-    from clm.sharding import rows_by_device
+    from clm import model as model_lib
+    from clm.sharding import blocks_by_device, partition_spec, rows_by_device
+    from conftest import model_cfg
 
+    config = model_lib.build_hf_config(model_cfg(config_path="mixtral_small.json"))
+    shapes = model_lib._meta_model(config, torch.float32).state_dict()
     out = {}
     for tp, ep, slices in ((1, 1, 1), (2, 1, 2), (2, 2, 2)):
         backend = XlaBackend(tp, ep, num_slices=slices)
@@ -516,8 +520,31 @@ SHARDS_SCRIPT = textwrap.dedent("""
         ids = [int(d) for d in backend.mesh.device_ids]
         shape = tuple(backend.axis_sizes.values())
         want = {d: list(r) for d, r in rows_by_device(ids, shape, rows).items()}
+        # parameters: every device holds `blocks_by_device`'s block; a host of devices 0-3
+        # that reads only its `region` of each tensor (NaN elsewhere) still gets every value
+        params_ok, partial, host = [], 0, [0, 1, 2, 3]
+        for name, meta in shapes.items():
+            spec = partition_spec(name, tuple(meta.shape), backend.axis_sizes)
+            blocks = blocks_by_device(ids, shape, spec, tuple(meta.shape))
+            full = torch.arange(meta.numel(), dtype=torch.float32).view(meta.shape)
+            backend._local_ids = host
+            box = backend.region(name, tuple(meta.shape))
+            read = full
+            if box is not None:
+                partial += 1
+                read = torch.full_like(full, float("nan"))
+                read[box] = full[box]
+            for value, devices in ((full, ids), (read, host)):
+                placed = xs.wrap_if_sharded(backend.place(name, value))
+                for s in placed.local_shards:
+                    device = int(s.shard_device.split(":")[-1])
+                    if device in devices:
+                        expected = full[blocks[device]]
+                        params_ok.append(torch.equal(s.unpadded_data, expected))
         out[f"{tp},{ep},{slices}"] = {"held": held == want, "ids": ids,
-                                      "description": backend.device_description()}
+                                      "description": backend.device_description(),
+                                      "params": all(params_ok) and len(params_ok) > len(shapes),
+                                      "partial": partial}
     out["any"] = [backend.any_process(True), backend.any_process(False)]
     backend.barrier()
     print(json.dumps(out))
@@ -527,11 +554,15 @@ SHARDS_SCRIPT = textwrap.dedent("""
 @needs_xla
 def test_device_shards_hold_the_rows_the_host_logic_says(tmp_path):
     """The backend's sharded transfer on 8 devices (plain, 2 slices x tensor 2, 2 slices x
-    tensor 2 x expert 2): every device holds exactly `rows_by_device`'s rows; and barrier and
-    any_process run on the hosts' gloo group (one process here)."""
+    tensor 2 x expert 2): every device holds exactly `rows_by_device`'s rows and each
+    parameter's `blocks_by_device` block; a host that reads only `region` of each tensor still
+    transfers every value its devices hold; and barrier and any_process run on the hosts' gloo
+    group (one process here)."""
     out = run_xla_script(tmp_path, SHARDS_SCRIPT, devices=8)
     for mesh in ("1,1,1", "2,1,2", "2,2,2"):
         assert out[mesh]["held"], (mesh, out[mesh])
+        assert out[mesh]["params"], mesh
+        assert out[mesh]["partial"] > 5, mesh  # most tensors: half a host's box or less
         assert out[mesh]["ids"] == list(range(8))  # CPU stand-in slices: consecutive ids
     assert out["2,1,2"]["description"].endswith(
         "(SPMD mesh fsdp=4 x tensor=2 x expert=1; fsdp over 2 slices)"

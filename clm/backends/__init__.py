@@ -50,6 +50,11 @@ class Backend:
         """A tensor of parameter (or buffer) `name`, made on the CPU, moved where it lives."""
         return tensor.to(self.device)
 
+    def region(self, name: str, shape: tuple) -> tuple[slice, ...] | None:
+        """The box of tensor `name` that `place` uses on this host (one slice per dim), so that
+        only it is read from a checkpoint; None: all of it."""
+        return None
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

@@ -15,7 +15,9 @@ which `clm.config.finalize` uses for the global batch. The "tensor" axis replica
 The model is made a piece at a time on the host (`places_weights`: `clm.model.materialize`, a
 decoder layer at a time, randomly initialized by the CPU generator or read from safetensors), and
 `place` transfers each tensor sharded (the same sharded transfer as the batches: each host sends
-only its devices' shards), so no host ever holds the whole model. Parameters are sharded by the
+only its devices' shards), so no host ever holds the whole model. From a checkpoint each host
+reads only the box of each tensor its devices hold (`region`, `clm.sharding.host_box`; on
+one host that is all of it). Parameters are sharded by the
 rules table in `clm/sharding.py` (data, shared with the capacity
 planner); with tensor_parallelism = expert_parallelism = 1 it is plain FSDP (ZeRO-3-like: each
 device holds 1/fsdp of every matrix and XLA all-gathers it where it is used).
@@ -124,6 +126,7 @@ from clm.config import ConfigError
 from clm.sharding import (
     BATCH_AXES,
     MESH_AXES,
+    host_box,
     mesh_device_ids,
     mesh_shape,
     partition_spec,
@@ -168,6 +171,11 @@ class XlaBackend(Backend):
         # every process loads the whole global batch; to_device transfers each host's rows
         self.local_data_parallel_size = self.data_parallel_size
         self._batch_specs: dict[int, _ShardingSpec] = {}
+        self._mesh_ids = [int(d) for d in self.mesh.device_ids]
+        # this host's devices (global ordinals, as in the mesh): what the sharded transfer cuts
+        self._local_ids = [
+            int(d.split(":")[-1]) for d in torch_xla._XLAC._xla_get_runtime_devices()
+        ]
         # Weights are made a piece at a time by the CPU generator (`places_weights`), then
         # moved: the same seed gives the same model as backend=cpu (XLA's RNG draws other
         # numbers), and no host holds more than one decoder layer of it.
@@ -231,6 +239,17 @@ class XlaBackend(Backend):
         sharding = _ShardingSpec(self.mesh, spec) if any(e is not None for e in spec) else None
         [out] = xm.send_cpu_data_to_device(tensor, self.device, sharding)
         return out
+
+    def region(self, name: str, shape: tuple) -> tuple[slice, ...] | None:
+        """The box of the tensor this host's devices hold (`clm.sharding.host_box`): the only
+        part `place` transfers, so the only part a host reads from a checkpoint. None on one
+        host, whose devices hold all of it."""
+        spec = partition_spec(name, tuple(shape), self.axis_sizes)
+        box = host_box(
+            self._mesh_ids, tuple(self.axis_sizes.values()), spec, shape, self._local_ids
+        )
+        whole = all(b.start == 0 and b.stop == n for b, n in zip(box, shape, strict=True))
+        return None if whole else box
 
     def _place_if_on_host(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if tensor.device.type == "xla" else self.place(name, tensor)
