@@ -138,6 +138,20 @@ def time_once(layer, x_TD, index_TK, weights_TK, grad_TD, calls: int = 1) -> flo
     return total / calls
 
 
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+
+
+def matmul_seconds(layer, variant, x_TD, index_TK, weights_TK, grad_TD, calls: int) -> float:
+    """Seconds per forward + backward spent in the matrix-multiply kernels themselves (CPU
+    profiler, self time of MATMUL_OPS; `torch._grouped_mm` runs one `mm` per expert on CPU):
+    no implementation that does the same matmuls can take less."""
+    select(layer, variant)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        time_once(layer, x_TD, index_TK, weights_TK, grad_TD, calls)
+    events = profile.key_averages()
+    return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6 / calls
+
+
 def select(layer, variant: str) -> None:
     """Point the layer at a variant: experts function, capacity factor, dropless backend."""
     key, capacity_factor, backend = VARIANTS[variant]
@@ -151,7 +165,8 @@ def select(layer, variant: str) -> None:
 def bench_shape(
     tokens, dim, ffn, experts, top_k, variants, reps, warmup, device, dtype, min_sample_s
 ):
-    """Per variant: (variant, median s, min s, median of per-repetition hf/variant ratios, note).
+    """Per variant: (variant, median s, min s, median of per-repetition hf/variant ratios, note,
+    matmul kernels' s per call or None: measured on CPU for hf and our default).
 
     Variants run interleaved within each repetition, and the ratio pairs each variant with
     the hf run of the same repetition, so load from other processes on the machine hits both.
@@ -180,7 +195,11 @@ def bench_shape(
         note = describe(layer, variant, x_TD, index_TK, weights_TK)
         if variant == BASELINE:
             note = f"{calls} call{'s' if calls > 1 else ''} per sample"
-        rows.append((variant, statistics.median(samples), min(samples), ratio, note))
+        matmuls = None
+        if device.type == "cpu" and variant in (BASELINE, DEFAULT):
+            matmuls = matmul_seconds(layer, variant, x_TD, index_TK, weights_TK, grad_TD, calls)
+            note = f"{note}; matmuls {matmuls * 1e3:.1f} ms".lstrip("; ")
+        rows.append((variant, statistics.median(samples), min(samples), ratio, note, matmuls))
     moe.CPU_DROPLESS_BACKEND = "grouped_mm"
     del layer, x_TD, grad_TD
     if device.type == "cuda":
@@ -212,6 +231,16 @@ def check_targets(results: dict[str, dict], embedded_shape: str) -> list[str]:
             f"- {embedded_shape} (embedded default): our default `{DEFAULT}` {ratio:.2f}x HF "
             f"(target >= 1.5x): {verdict}"
         )
+        hf_median, matmuls = (
+            results[embedded_shape][BASELINE][0],
+            results[embedded_shape][DEFAULT][4],
+        )
+        if matmuls:
+            lines.append(
+                f"  its matmul kernels alone take {matmuls * 1e3:.1f} ms of HF's "
+                f"{hf_median * 1e3:.1f} ms: with the same matmuls no implementation can beat "
+                f"{hf_median / matmuls:.2f}x HF here"
+            )
     if MID_SHAPE in results and DEFAULT in results[MID_SHAPE]:
         rows = results[MID_SHAPE]
         ratio = rows[DEFAULT][2]
@@ -282,7 +311,7 @@ def main() -> None:
             *size, top_k, variants, args.reps, args.warmup, device, dtype, args.min_sample_ms / 1e3
         )
         results[shape] = {row[0]: row[1:] for row in rows}
-        for variant, median, fastest, ratio, note in rows:
+        for variant, median, fastest, ratio, note, _ in rows:
             print(
                 f"| {shape} | {variant} | {median * 1e3:.1f} | {fastest * 1e3:.1f} "
                 f"| {ratio:.2f}x | {note} |",
