@@ -385,7 +385,9 @@ class Trainer:
                     reached = run_eval()
                     if not reached and self.step < cfg.max_steps:
                         self.mlperf.block_start(samples())
-                if cfg.save_frequency and self.step % cfg.save_frequency == 0 and not reached:
+                # the last step's checkpoint is the final save below: written once, not twice
+                last = reached or self.step >= cfg.max_steps
+                if cfg.save_frequency and self.step % cfg.save_frequency == 0 and not last:
                     self.save_checkpoint(finished=False)
                 # a signal may reach the processes between different steps: stop all together
                 if self.backend.any_process(bool(stop_signal)) and not reached:

@@ -87,3 +87,54 @@ def tiny_mixtral_config():
         max_position_embeddings=512,
         use_cache=False,
     )
+
+
+GCS_BUCKET = "clm-test-bucket"
+
+
+def _move_object(request, response, storage, *args, **kwargs):
+    """The JSON API's objects.move (gcsfs's `mv` calls it first), which the emulator lacks:
+    a copy, then a delete of the source (what the real service does atomically)."""
+    from gcp_storage_emulator.handlers import objects
+
+    params = request.params
+    source = (params["bucket_name"], params["object_id"])
+    try:
+        moved = objects._copy(request.base_url, storage, *source, *source[:1], params["dest"])
+    except objects.NotFound:
+        response.status = 404
+        return
+    objects._delete(storage, *source)
+    response.json(moved)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """gs://clm-test-bucket on a GCS JSON API emulator in this process (gcp-storage-emulator,
+    in memory), reached by the real gcsfs client through STORAGE_EMULATOR_HOST, which
+    subprocesses inherit (`clean_env`). Yields the bucket's URL."""
+    import socket
+
+    from gcp_storage_emulator import server as emulator
+
+    route = (
+        r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+        r"(?P<dest>.*[^/]+)$",
+        {emulator.POST: _move_object},
+    )
+    emulator.HANDLERS = (route, *emulator.HANDLERS)
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    gcs = emulator.create_server("localhost", port, in_memory=True, default_bucket=GCS_BUCKET)
+    gcs.start()
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://localhost:{port}"
+    try:
+        yield f"gs://{GCS_BUCKET}"
+    finally:
+        gcs.stop()
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST")
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous

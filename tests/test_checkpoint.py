@@ -67,11 +67,19 @@ def test_corrupt_checkpoint_names_the_path_and_the_previous_one_loads(tmp_path):
         checkpoint.restore(tmp_path, *tiny(1))
 
 
-@pytest.mark.parametrize("protocol", ["memory", "file"])
-def test_url_save_dir_commits_by_marker_prunes_and_restores(tmp_path, protocol):
+def url_root(request, tmp_path, protocol: str) -> str:
+    """A fresh checkpoint root: memory:// and file:// are real fsspec filesystems; gs:// is the
+    real gcsfs client against a GCS API emulator (conftest `gcs_bucket`)."""
+    if protocol == "gs":
+        return f"{request.getfixturevalue('gcs_bucket')}/{tmp_path.name}/ckpts"
+    return f"memory://{tmp_path.name}/ckpts" if protocol == "memory" else f"file://{tmp_path}/c"
+
+
+@pytest.mark.parametrize("protocol", ["memory", "file", "gs"])
+def test_url_save_dir_commits_by_marker_prunes_and_restores(request, tmp_path, protocol):
     """On an fsspec URL (gs:// in production) a checkpoint counts once its COMMITTED marker
-    exists: no rename there. memory:// and file:// are real fsspec filesystems."""
-    root = f"memory://{tmp_path.name}/ckpts" if protocol == "memory" else f"file://{tmp_path}/c"
+    exists: no rename there."""
+    root = url_root(request, tmp_path, protocol)
     fs, path = fsspec.core.url_to_fs(root)
     model, opt = tiny(0)
     for step in (1, 2, 3):
@@ -197,11 +205,12 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     assert [p.name for p in checkpoint.committed(run_dir / "checkpoints")] == ["step_00000004"]
 
 
-def test_a_run_saves_to_and_restores_from_a_url(tmp_path):
-    """save_dir and checkpoint_manager_path as fsspec URLs (file:// here, a real fsspec
-    filesystem that two processes share): saved, pruned, restored, going on exactly."""
+@pytest.mark.parametrize("protocol", ["file", "gs"])
+def test_a_run_saves_to_and_restores_from_a_url(request, tmp_path, protocol):
+    """save_dir and checkpoint_manager_path as fsspec URLs that two processes share (file://,
+    and gs:// on the GCS API emulator): saved, pruned, restored, going on exactly."""
+    url = url_root(request, tmp_path, protocol)
     env = clean_env(tmp_path)
-    url = f"file://{tmp_path}/bucket/ckpts"
     base = [sys.executable, str(RUN_CLM), *ARGS, "max_steps=3", "keep_last_n=2"]
     first = subprocess.run(
         [*base, f"output_dir={tmp_path / 'a'}", f"save_dir={url}", "save_frequency=1"],

@@ -228,15 +228,19 @@ def test_hf_to_checkpoint_to_training_and_back(hf_dir, tmp_path):
     )  # one training step changed the weights
 
 
-def test_convert_to_and_from_a_url(hf_dir, tmp_path, capsys):
-    """hf-to-dcp writes to an fsspec URL (memory:// here; gs:// in production) and dcp-to-hf
-    reads from one: the round trip gives back the HF weights exactly."""
+@pytest.mark.parametrize("protocol", ["memory", "gs"])
+def test_convert_to_and_from_a_url(request, hf_dir, tmp_path, capsys, protocol):
+    """hf-to-dcp writes to an fsspec URL (memory://, and gs:// through the real gcsfs client on
+    a GCS API emulator) and dcp-to-hf reads from one: the round trip gives back the HF weights
+    exactly."""
     spec = importlib.util.spec_from_file_location("convert_checkpoint", CONVERT)
     convert_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(convert_module)
-    url = f"memory://{tmp_path.name}/ckpt/tiny"
+    root = request.getfixturevalue("gcs_bucket") if protocol == "gs" else "memory:/"
+    url = f"{root}/{tmp_path.name}/ckpt/tiny"
     assert convert_module.main(["hf-to-dcp", str(hf_dir), url, "--dtype", "float32"]) == 0
-    assert fsspec.filesystem("memory").exists(f"/{tmp_path.name}/ckpt/tiny/COMMITTED")
+    fs, path = fsspec.core.url_to_fs(url)
+    assert fs.exists(f"{path}/COMMITTED")
     assert convert_module.main(["hf-to-dcp", str(hf_dir), url, "--dtype", "float32"]) == 2
     assert f"error: {url}: already exists" in capsys.readouterr().err
 

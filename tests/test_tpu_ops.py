@@ -62,7 +62,10 @@ def test_image_pins_every_package():
             if line and not line.startswith("#"):
                 name, sep, version = line.partition("==")
                 assert sep and version, f"{path.name}: {line!r} is not pinned"
-                pins[name.lower().replace("_", "-")] = version
+                name = name.lower().replace("_", "-")
+                assert name not in pins, f"{path.name}: {name} is pinned in both lock files"
+                pins[name] = version
+    assert "gcsfs" in pins  # gs:// data and checkpoints, in the venv and the image
     assert pins["torch"] == "2.9.0" and pins["torch-xla"] == "2.9.0"
     assert pins["libtpu"] == "0.0.21" and pins["jax"] == pins["jaxlib"] == "0.7.1"
     text = DOCKERFILE.read_text()
