@@ -186,6 +186,9 @@ class Trainer:
         # async_checkpointing: saves written by a background thread (clm.checkpoint.AsyncSaver)
         self.async_saves = config_lib.async_checkpointing(cfg, backend.name)
         self.saver: checkpoint.AsyncSaver | None = None
+        # the step of the latest save this process started, and where it goes
+        self.saved_step: int | None = None
+        self.saved_at: checkpoint.Location | None = None
 
     # ---- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -423,7 +426,10 @@ class Trainer:
             return (
                 f"SIGTERM: stopped after step {self.step} without a checkpoint (save_frequency=0)"
             )
-        saved = self.save_checkpoint(finished=False, wait=True)
+        if self.saved_step == self.step:  # this step's periodic save: only wait for its commit
+            saved = self.saver.wait() if self.saver is not None else self.saved_at
+        else:
+            saved = self.save_checkpoint(finished=False, wait=True)
         return f"SIGTERM: stopped after step {self.step}; saved {saved}; rerun the same command to resume"
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -456,12 +462,15 @@ class Trainer:
         args = (checkpoint.location(self.cfg.save_dir), self.step, self.model, self.optimizer)
         args += (self.state_dict(finished),)
         kwargs = {"keep_last_n": int(self.cfg.keep_last_n), "is_main": self.backend.is_main}
+        self.saved_step = self.step
         if not self.async_saves:
-            return checkpoint.save(*args, **kwargs, **self.backend.checkpoint_options(load=False))
+            options = self.backend.checkpoint_options(load=False)
+            self.saved_at = checkpoint.save(*args, **kwargs, **options)
+            return self.saved_at
         if self.saver is None:  # on every process at the same save (it creates a gloo group)
             self.saver = checkpoint.AsyncSaver()
-        where = self.saver.save(*args, **kwargs, stage=self.backend.stage_checkpoint)
-        return self.saver.wait() if wait else where
+        self.saved_at = self.saver.save(*args, **kwargs, stage=self.backend.stage_checkpoint)
+        return self.saver.wait() if wait else self.saved_at
 
     def _watch_compiles(self, what: str, warm: bool, before: int | None) -> int | None:
         """The compile count now; after warm-up a new compile warns or stops the run.

@@ -69,10 +69,11 @@ def losses(run_dir):
 
 
 def test_sigterm_then_auto_resume_is_exact_and_equals_a_synchronous_run(tmp_path):
-    """SIGTERM during an async run: the save of that step is committed before exit 143; the
-    same command resumes from it; every loss equals the synchronous run's, bitwise."""
+    """SIGTERM during an async run that saves every step: the stop waits for the save of its
+    step already in flight (not a second save of it), committed before exit 143; the same
+    command resumes from it; every loss equals the synchronous run's, bitwise."""
     env = clean_env(tmp_path)
-    args = ["max_steps=6", "eval_frequency=2", "save_frequency=2", "keep_last_n=0"]
+    args = ["max_steps=6", "eval_frequency=2", "save_frequency=1", "keep_last_n=0"]
     sync = subprocess.run(
         command(tmp_path / "sync", *args, "async_checkpointing=false"),
         env=env,

@@ -71,6 +71,22 @@ def run(tmp_path, nproc: int, *overrides: str, **kwargs) -> subprocess.Completed
     )
 
 
+def run_script(tmp_path, script: str, *overrides: str) -> dict:
+    """`python -c script overrides...` in 2 torchrun processes; rank 0's `RESULT {json}`."""
+    env = env_for(tmp_path)
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [*torchrun(), "--no-python", sys.executable, "-c", script, *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+
+
 def run_dir(tmp_path):
     return tmp_path / "runs" / "embedded_default"
 
@@ -281,25 +297,15 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("expert_parallelism", [1, 2])
 def test_shards_and_aux_loss_semantics(tmp_path, expert_parallelism):
     """Each rank holds half of every parameter; one step's numbers against the whole model."""
-    env = env_for(tmp_path)
-    env["PYTHONPATH"] = str(ROOT)
-    overrides = [
+    out = run_script(
+        tmp_path,
+        SCRIPT,
         "backend=cpu",
         "max_length=32",
         "per_device_train_batch_size=4",
         "max_grad_norm=0",
         f"expert_parallelism={expert_parallelism}",
-    ]
-    proc = subprocess.run(
-        [*torchrun(), "--no-python", sys.executable, "-c", SCRIPT, *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
     params = out["params"]
     layer = {n: p for n, p in params.items() if n.startswith("model.layers.0.")}
     assert len(layer) == 9  # attention q k v o, two norms, router, two expert tensors
@@ -388,24 +394,14 @@ def test_pretrained_checkpoint_is_read_into_the_shards(tmp_path, expert_parallel
         hf_dir, max_shard_size="1MB"
     )
     assert len(list(hf_dir.glob("*.safetensors"))) > 1
-    env = env_for(tmp_path)
-    env["PYTHONPATH"] = str(ROOT)
-    overrides = [
+    out = run_script(
+        tmp_path,
+        LOAD_SCRIPT,
         "backend=cpu",
         "model.config_path=null",
         f"model.name_or_path={hf_dir}",
         "model.capacity_factor=0",
         f"expert_parallelism={expert_parallelism}",
-    ]
-    proc = subprocess.run(
-        [*torchrun(), "--no-python", sys.executable, "-c", LOAD_SCRIPT, *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert out["differ"] == []
     assert out["local"] == out["total"] // 2
