@@ -118,11 +118,14 @@ def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel
 
 
 @torch.no_grad()
-def materialize(model: PreTrainedModel, fill, place: Place) -> None:
+def materialize(
+    model: PreTrainedModel, fill, place: Place, device: torch.device | str = "cpu"
+) -> None:
     """Create a meta-device model's tensors a piece at a time, never the whole model at once.
 
     The pieces: each element of a ModuleList (a decoder layer) with everything in it, and each
-    other module's own parameters and buffers. A piece's tensors are made on the CPU, filled by
+    other module's own parameters and buffers. A piece's tensors are made on `device` (the CPU
+    unless a random init runs on a GPU), filled by
     `fill(owner, module, {name: tensor})` module by module (`owner`: the PreTrainedModel whose
     `_init_weights` applies), handed to `place(name, tensor)` (e.g. a sharded transfer to the
     devices) and dropped, so the host's peak is one decoder layer (Mixtral-8x22B: 2.5G
@@ -143,7 +146,7 @@ def materialize(model: PreTrainedModel, fill, place: Place) -> None:
                 if id(old) in placed:  # tied to a tensor placed already
                     slots[name] = placed[id(old)][1]
                     continue
-                new = torch.empty_like(old, device="cpu")
+                new = torch.empty_like(old, device=device)
                 if isinstance(old, torch.nn.Parameter):
                     new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
                 slots[name] = new
@@ -158,7 +161,7 @@ def materialize(model: PreTrainedModel, fill, place: Place) -> None:
             value._is_hf_initialized = True  # a later init (HF's, a parent's) leaves it alone
             slots[name] = value
             placed[id(old)] = (old, value)
-        if fresh and place is not keep:
+        if fresh and place is not keep and torch.device(device).type == "cpu":
             _return_freed_memory()
 
     def visit(module, prefix: str, owner: PreTrainedModel, piece: dict | None) -> None:
@@ -230,8 +233,9 @@ def build_model(
     """The model on `device`, in `model.dtype`, in train mode.
 
     `place` (a backend's, e.g. XLA's sharded transfer): the model is made one module at a time
-    on the CPU (`materialize`) and each tensor handed to `place`, so no host ever holds the
-    whole model; the random init is the same as without it. With `region` too, each host reads
+    (`materialize`; a random init on `device`, a checkpoint read on the CPU) and each tensor
+    handed to `place`, so no host ever holds the whole model; the random init is the same as
+    without it. With `region` too, each host reads
     only the part of each checkpoint tensor `place` keeps. Without `place`, a random model is
     initialized whole on `device`, and a pretrained one is still read module by module, each
     tensor moved to `device`.
@@ -247,7 +251,7 @@ def build_model(
             with torch.no_grad():
                 model.init_weights()  # also recomputes the rotary buffers lost on the meta device
         else:
-            materialize(model, random_init, place)
+            materialize(model, random_init, place, device)
     else:
         if place is None and torch.device(device).type != "cpu":
             place = functools.partial(_to_device, device=device)
@@ -272,8 +276,9 @@ def build_sharded_model(
 
     `shard` runs on the meta-device model, and each process allocates only its shards on
     `device` (`to_empty`). The weights are then made exactly as `build_model` makes them for
-    one process, a piece (a decoder layer) at a time on the CPU (`materialize`: random init by
-    the CPU generator, or read from safetensors), and each process copies its part of each
+    one process, a piece (a decoder layer) at a time (`materialize`: randomly initialized on
+    `device`, as one process would with its generator, or read from safetensors on the CPU),
+    and each process copies its part of each
     tensor into its shard (`LocalParts`) before the next piece is made: no process or device
     ever holds the whole model, and every process gets the numbers one process would. From a
     checkpoint, each process reads only its parts' bytes.
@@ -283,7 +288,7 @@ def build_sharded_model(
     model = shard(_ready_to_train(_meta_model(config, DTYPES[model_cfg.dtype]), model_cfg))
     model.to_empty(device=device)
     parts = LocalParts(model)
-    build_model(model_cfg, torch.device("cpu"), seed, parts, parts.region)
+    build_model(model_cfg, device, seed, parts, parts.region)
     unfilled = [name for name, t in parts.targets.items() if id(t) not in parts.filled]
     if unfilled:  # to_empty left them uninitialized: never train on that
         raise RuntimeError(f"the sharded model's {', '.join(unfilled[:3])} were never filled")
@@ -291,9 +296,9 @@ def build_sharded_model(
 
 
 class LocalParts:
-    """A `materialize` place into a sharded model: this process's part of each CPU tensor is
+    """A `materialize` place into a sharded model: this process's part of each new tensor is
     copied into the sharded model's tensor of the same name (a DTensor's local shard, or a
-    whole unsharded buffer), and the CPU tensor dropped (a meta stand-in is returned).
+    whole unsharded buffer), and the new tensor dropped (a meta stand-in is returned).
 
     `region` is that part as a box, so a checkpoint reader reads only it."""
 

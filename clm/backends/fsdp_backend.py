@@ -49,13 +49,11 @@ Checkpoints: clm/checkpoint.py's DCP save/load, one shard per rank, every rank t
 
 Initialization (`clm.model.build_sharded_model`): `wrap_model` shards the model while it is
 still on the meta device, each rank allocates only its shards, and the weights are then made a
-decoder layer at a time on the CPU (random init by the CPU generator, or read from safetensors),
-each rank copying its slice into its shards before the next layer is made. No rank or GPU holds
-the whole model, and the weights are bitwise those one process would make. From a checkpoint each
-rank reads only its slice of each tensor (1/N of the checkpoint) and a host holds that part of one
-layer per rank. A random init costs each rank one CPU pass over the whole model's numbers, and a
-host one whole layer per rank (Mixtral-8x22B: 2.5G parameters), the price of drawing the numbers
-one process draws.
+decoder layer at a time, each rank copying its slice into its shards before the next layer is
+made: no rank or GPU holds the whole model, and the weights are bitwise those one process would
+make. A random init draws on the rank's device, every number of the layer as one process on it
+would (a GPU holds one layer more for the moment: Mixtral-8x22B, 2.5G parameters). From a
+checkpoint each rank reads only its slice of each tensor (1/N of the checkpoint), on the CPU.
 
 Not done: tensor, context and pipeline parallelism (ConfigError), HSDP (replicate across nodes, shard
 within), torch.compile, and overlap tuning (prefetch limits, reshard-after-forward choices).
