@@ -83,7 +83,8 @@ def run_script(tmp_path, script: str, *overrides: str) -> dict:
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a failing rank's own error comes first; torchrun's summary of it last
+    assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-3000:]
     return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
 
 
@@ -376,6 +377,7 @@ LOAD_SCRIPT = textwrap.dedent("""
         if not torch.equal(t, expected[name].detach()):
             differ.append(name)
     total = sum(p.numel() for p in whole.parameters())
+    backend.barrier()  # no rank tears the group down while another is still gathering
     if backend.rank == 0:
         print("RESULT " + json.dumps({"differ": differ, "local": local, "total": total}))
     backend.close()
