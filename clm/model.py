@@ -278,10 +278,9 @@ def build_sharded_model(
     `device` (`to_empty`). The weights are then made exactly as `build_model` makes them for
     one process, a piece (a decoder layer) at a time (`materialize`: randomly initialized on
     `device`, as one process would with its generator, or read from safetensors on the CPU),
-    and each process copies its part of each
-    tensor into its shard (`LocalParts`) before the next piece is made: no process or device
-    ever holds the whole model, and every process gets the numbers one process would. From a
-    checkpoint, each process reads only its parts' bytes.
+    and each process copies its part of each tensor into its shard (`LocalParts`) before the
+    next piece is made: no process or device ever holds the whole model, and every process gets
+    the numbers one process would. From a checkpoint, each process reads only its parts' bytes.
     """
     config = build_hf_config(model_cfg)
     _configure_experts(config, model_cfg)
@@ -316,10 +315,10 @@ class LocalParts:
         target = self.targets[name]
         if not isinstance(target, DTensor):
             return None
-        shape, offset = compute_local_shape_and_global_offset(
+        local_shape, offset = compute_local_shape_and_global_offset(
             target.shape, target.device_mesh, target.placements
         )
-        return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+        return tuple(slice(o, o + n) for o, n in zip(offset, local_shape, strict=True))
 
     @torch.no_grad()
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
