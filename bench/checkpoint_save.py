@@ -21,20 +21,11 @@ import torch
 from omegaconf import OmegaConf
 
 from clm import checkpoint
+from clm.config import CLM_DIR
 from clm.model import build_model
 
-# the embedded default's model (clm/config/model/blank_model.yaml's keys)
-MODEL = OmegaConf.create(
-    {
-        "config_path": "mixtral_small.json",
-        "name_or_path": None,
-        "dtype": "float32",
-        "capacity_factor": 0,
-        "moe_implementation": None,
-        "router_aux_loss_coef": None,
-        "gradient_checkpointing": False,
-    }
-)
+# the embedded default's model: the `model` group's default, as the trainer composes it
+MODEL = OmegaConf.load(CLM_DIR / "config" / "model" / "blank_model.yaml")
 
 
 def main(kind: str, saves: int = 5) -> None:

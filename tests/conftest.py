@@ -50,19 +50,12 @@ def run_clm(tmp_path: Path, *overrides: str, cwd: Path = ROOT, timeout: int = 60
 
 
 def model_cfg(**overrides):
-    """A `model` config node (the keys of clm/config/model/blank_model.yaml)."""
+    """A `model` config node: clm/config/model/blank_model.yaml with `config_path` unset (no
+    architecture unless the test names one) and `overrides` on top."""
     from omegaconf import OmegaConf
 
-    base = {
-        "config_path": None,
-        "name_or_path": None,
-        "dtype": "float32",
-        "capacity_factor": 0,
-        "moe_implementation": None,
-        "router_aux_loss_coef": None,
-        "gradient_checkpointing": False,
-    }
-    return OmegaConf.create({**base, **overrides})
+    base = OmegaConf.load(CLM / "config" / "model" / "blank_model.yaml")
+    return OmegaConf.merge(base, {"config_path": None, **overrides})
 
 
 @pytest.fixture
