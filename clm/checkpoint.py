@@ -10,13 +10,14 @@ Old checkpoints are pruned only after the new one is committed.
 
 `save_dir` and `checkpoint_manager_path` may also be fsspec URLs (`gs://bucket/run/checkpoints`
 through gcsfs; the tests use `memory://`, `file://`, and `gs://` on a GCS API emulator). Object
-stores have no rename, so there a checkpoint counts as committed only once its last object, `COMMITTED`, exists:
-the model, optimizer and trainer state are written first (directly into `step_XXXXXXXX/`), the
-marker last; pruning deletes a checkpoint's marker before its data. Saving a step that is already
-committed (a run resumed from its last step saves it again at its end) writes to `step_XXXXXXXX.partial/` first
-and copies it over, so only that copy leaves the step uncommitted for a moment. Local saves write
-the same marker (so an uploaded save_dir is usable from the bucket) but still commit by rename,
-and decide "committed" by the name alone, as before.
+stores have no rename, so there a checkpoint counts as committed only once its last object,
+`COMMITTED`, exists: the model, optimizer and trainer state are written first (directly into
+`step_XXXXXXXX/`), the marker last; pruning deletes a checkpoint's marker before its data.
+Saving a step that is already committed (a run resumed from its last step saves it again at its
+end) writes to `step_XXXXXXXX.partial/` first and copies it over, so only that copy leaves the
+step uncommitted for a moment. Local saves write the same marker (so an uploaded save_dir is
+usable from the bucket) but still commit by rename, and decide "committed" by the name alone, as
+before.
 
 Several processes (the FSDP backend's ranks; the XLA backend's hosts, one process each) save
 and load together over a process group: the default one, or the `process_group` a backend

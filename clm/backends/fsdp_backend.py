@@ -55,8 +55,9 @@ make. A random init draws on the rank's device, every number of the layer as one
 would (a GPU holds one layer more for the moment: Mixtral-8x22B, 2.5G parameters). From a
 checkpoint each rank reads only its slice of each tensor (1/N of the checkpoint), on the CPU.
 
-Not done: tensor, context and pipeline parallelism (ConfigError), HSDP (replicate across nodes, shard
-within), torch.compile, and overlap tuning (prefetch limits, reshard-after-forward choices).
+Not done: tensor, context and pipeline parallelism (ConfigError), HSDP (replicate across nodes,
+shard within), torch.compile, and overlap tuning (prefetch limits, reshard-after-forward
+choices).
 """
 
 from __future__ import annotations
