@@ -78,16 +78,15 @@ def register(kernel: Callable, partition_spec=None, mesh=None) -> str:
 
 
 def pallas_flash_attention() -> Callable | None:
-    """torch_xla's Pallas flash attention when this process runs on a TPU with jax; else None."""
+    """torch_xla's Pallas flash attention when the program is for a TPU (`clm.backends.pallas`)
+    and jax is installed; else None."""
+    from clm.backends import pallas
+
+    if not (pallas.on_tpu() and pallas.jax_available()):
+        return None
     try:
-        import importlib.util
-
-        import torch_xla.runtime as xr
-
-        if xr.device_type() != "TPU" or importlib.util.find_spec("jax") is None:
-            return None
         from torch_xla.experimental.custom_kernel import flash_attention
-    except (ImportError, RuntimeError):
+    except ImportError:
         return None
     return flash_attention
 

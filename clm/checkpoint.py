@@ -217,7 +217,17 @@ def _collective(process_group) -> bool:
 
 def _barrier(process_group) -> None:
     if _collective(process_group):
-        dist.barrier(group=process_group)
+        cpu_barrier(process_group)
+
+
+def cpu_barrier(process_group=None) -> None:
+    """Wait for every process of a CPU (gloo) group: an all-reduce of one number.
+
+    Not `dist.barrier`: torch 2.9's looks the machine's accelerator up first, and once
+    torchax is imported (torch_xla imports it in `mark_sharding` when installed; the XLA
+    backend needs it for `call_jax`) that lookup raises "Please register
+    PrivateUse1HooksInterface", as torchax names the PrivateUse1 backend without its hooks."""
+    dist.all_reduce(torch.zeros(1), group=process_group)
 
 
 def _outcome(error: BaseException | None, process_group) -> BaseException | None:

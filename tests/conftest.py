@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# jax (torch_xla's Pallas and call_jax, clm.aot) on the CPU: with libtpu installed it would
+# otherwise try to start a TPU runtime, asking this machine's metadata server for one
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 ROOT = Path(__file__).resolve().parent.parent
 CLM = ROOT / "clm"
 RUN_CLM = CLM / "run_clm.py"
