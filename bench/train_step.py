@@ -64,7 +64,9 @@ class Ours:
     name = "ours"
 
     def __init__(self, cfg, backend):
-        model = model_lib.build_model(cfg.model, backend.init_device, cfg.seed)
+        model = model_lib.build_model(
+            cfg.model, backend.init_device, cfg.seed, sequence_length=cfg.max_length
+        )
         model = backend.wrap_model(model)
         adamw = backend.optimizer_class(cfg.optimizer)
         optimizer = optim.build_optimizer(model, cfg, backend.device, adamw)

@@ -86,6 +86,8 @@ def validate(cfg: DictConfig) -> None:
         cfg.get("xla_attention", "auto") in XLA_ATTENTION,
         f"xla_attention={cfg.get('xla_attention')}: must be one of {', '.join(XLA_ATTENTION)}",
     )
+    scan = cfg.get("xla_scan_layers", False)
+    _check(isinstance(scan, bool), f"xla_scan_layers={scan}: must be true or false")
     for key in (
         "per_device_train_batch_size",
         "per_device_eval_batch_size",

@@ -229,8 +229,12 @@ def build_model(
     seed: int,
     place: Place | None = None,
     region: Region | None = None,
+    sequence_length: int | None = None,
 ) -> PreTrainedModel:
     """The model on `device`, in `model.dtype`, in train mode.
+
+    `sequence_length`: the tokens of one sequence, the group whose tokens compete for the
+    capacity of the dropping experts (`clm.moe`); None: all the tokens of a forward call.
 
     `place` (a backend's, e.g. XLA's sharded transfer): the model is made one module at a time
     (`materialize`; a random init on `device`, a checkpoint read on the CPU) and each tensor
@@ -241,7 +245,7 @@ def build_model(
     tensor moved to `device`.
     """
     config = build_hf_config(model_cfg)
-    _configure_experts(config, model_cfg)
+    _configure_experts(config, model_cfg, sequence_length)
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.config_path is not None:
         model = _meta_model(config, dtype)
@@ -266,11 +270,20 @@ def _ready_to_train(model: PreTrainedModel, model_cfg: DictConfig) -> PreTrained
     return model
 
 
+def build_meta_model(model_cfg: DictConfig, sequence_length: int | None = None) -> PreTrainedModel:
+    """The model on the meta device (no memory), configured and in train mode as `build_model`
+    leaves it: what a sharded backend partitions before any weight exists."""
+    config = build_hf_config(model_cfg)
+    _configure_experts(config, model_cfg, sequence_length)
+    return _ready_to_train(_meta_model(config, DTYPES[model_cfg.dtype]), model_cfg)
+
+
 def build_sharded_model(
     model_cfg: DictConfig,
     device: torch.device,
     seed: int,
     shard: Callable[[PreTrainedModel], PreTrainedModel],
+    sequence_length: int | None = None,
 ) -> PreTrainedModel:
     """The model sharded by `shard` (FSDP2's `fully_shard`) before any weight exists.
 
@@ -282,12 +295,10 @@ def build_sharded_model(
     next piece is made: no process or device ever holds the whole model, and every process gets
     the numbers one process would. From a checkpoint, each process reads only its parts' bytes.
     """
-    config = build_hf_config(model_cfg)
-    _configure_experts(config, model_cfg)
-    model = shard(_ready_to_train(_meta_model(config, DTYPES[model_cfg.dtype]), model_cfg))
+    model = shard(build_meta_model(model_cfg, sequence_length))
     model.to_empty(device=device)
     parts = LocalParts(model)
-    build_model(model_cfg, device, seed, parts, parts.region)
+    build_model(model_cfg, device, seed, parts, parts.region, sequence_length)
     unfilled = [name for name, t in parts.targets.items() if id(t) not in parts.filled]
     if unfilled:  # to_empty left them uninitialized: never train on that
         raise RuntimeError(f"the sharded model's {', '.join(unfilled[:3])} were never filled")
@@ -336,14 +347,16 @@ def _to_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch.T
     return tensor.to(device)
 
 
-def _configure_experts(config: PretrainedConfig, model_cfg: DictConfig) -> None:
+def _configure_experts(
+    config: PretrainedConfig, model_cfg: DictConfig, sequence_length: int | None
+) -> None:
     """Select the experts implementation (clm.moe) for MoE models."""
     if not is_moe(config):
         return
     from clm import moe
 
     name = moe.resolve_implementation(model_cfg.moe_implementation, model_cfg.capacity_factor)
-    moe.configure_moe(config, name, float(model_cfg.capacity_factor))
+    moe.configure_moe(config, name, float(model_cfg.capacity_factor), sequence_length)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -9,30 +9,45 @@ stays HF's. `configure_moe` registers ours and points the config at one of them:
   `grouped_mm` fails (`torch.histc`) and `eager` recompiles every step. Records no metrics.
 - ``dense``: every expert on every token, combined with a [T, E] weight matrix that is zero
   off the top-k. Static, E/K times the FLOPs; the simplest reference.
-- ``dropping``: GShard/Switch capacity dispatch. Each expert owns C slots,
-  ``C = min(T, ceil(T * K / E * capacity_factor))`` with T the tokens of this forward call
-  (the flattened micro-batch). Each (token, k) assignment gets its rank in its expert's queue
-  from a cumulative sum over the routing mask; ranks >= C are dropped. Kept assignments are
-  copied into an [E, C, D] buffer, the experts run as two batched matmuls, and each filled
-  slot is copied back to its (token, k) row, which dropped assignments never get (exactly 0).
-  Both moves are `index_copy`, whose backward is a gather: no scatter-add either way. Every
-  shape depends only on (T, K, E, C): zero recompiles on XLA.
+- ``dropping``: GShard/Switch capacity dispatch, per group of tokens. The tokens of a forward
+  call are cut into G groups of T/G consecutive tokens: one sequence each
+  (`configure_moe(..., group_tokens)`; the trainer passes `max_length`), or one group of all T
+  when no group size is set. In each group every expert owns C slots,
+  ``C = min(T/G, ceil(T/G * K / E * capacity_factor))``. Each (token, k) assignment gets its
+  rank in its expert's queue within its group from a cumulative sum over the routing mask;
+  ranks >= C are dropped. Kept assignments are copied into an [E, G, C, D] buffer, the experts
+  run as two batched matmuls, and each filled slot is copied back to its (token, k) row,
+  which dropped assignments never get (exactly 0). Both moves are indexed copies (`index_put`
+  without accumulation) whose backward is a gather: no scatter-add either way. Every shape
+  depends only on (T, G, K, E, C): zero recompiles on XLA.
 - ``dropless``: exact. Assignments sorted by expert, then a grouped GEMM: `torch._grouped_mm`
-  on CUDA (bf16, sm80+) and CPU (torch >= 2.9 has a CPU kernel), the Pallas `gmm` kernel on
-  TPU when torch_xla and jax are importable, else a per-expert loop. On XLA without Pallas it
-  falls back to ``dropping`` with C = T, which is exact (an expert receives at most T
-  assignments) and static.
+  on CUDA (bf16, sm80+) and CPU (torch >= 2.9 has a CPU kernel), else a per-expert loop. On
+  XLA (TPU included) it runs as ``dropping`` with C = the capacity group's tokens, which is
+  exact (an expert receives at most one assignment per token) and static, and keeps each
+  sequence on its own device. Not torch_xla's Pallas `gmm` (megablox): its sort and grouped
+  matmul span all the tokens of the call, which under SPMD is the whole global batch, and XLA
+  cannot partition a Pallas call: it would replicate the batch's tokens on every device.
+  Running it per device needs a manual-sharding region with the weights gathered in and their
+  gradients reduce-scattered out by hand, as torchprime's Mixtral does: not done yet.
 
 Drop order (``dropping``): queue position follows the flattened (token, k) order: token
 position first, then the token's k-th choice (k = 0 is its highest-probability expert). So a
 token is dropped from an expert when C earlier (token, k) assignments already took it. Why
 position and not routing probability: (1) it is causal, whether a token is dropped depends
-only on tokens before it in the batch, so no information leaks from later positions of a
+only on tokens before it in its group, so no information leaks from later positions of a
 causal LM through the capacity limit, as it would when ranking by probability across the
 whole batch; (2) it is the order of the MLPerf reference implementations (MaxText
 `generate_masks`, the torch_xla Mixtral reference), so drop statistics are comparable; (3) it
-needs only a cumulative sum: no sort, static shapes. The references count capacity per
-sequence; the experts interface sees only the flattened micro-batch, so here T is that.
+needs only a cumulative sum: no sort, static shapes.
+
+Why groups of one sequence: the references count capacity per sequence, and so does the
+trainer here. Then which tokens are dropped depends on the sequence alone, not on how many
+sequences one forward call sees: the same on one CPU, under torchrun (each rank sees its rows)
+and under XLA SPMD (one program sees the global micro-batch). And on a pod the dispatch stays
+on the device that holds the sequence: the group index of every indexed copy is an iota, which
+XLA's SPMD partitioner recognizes as a parallel dimension, so no device ever holds the whole
+batch's [E, C, D] buffer (a single group over the 8.4M tokens of the benchmark's global batch
+made the TPU compiler ask for a 1.3 TB buffer per device; docs/PERFORMANCE.md, TPU section).
 
 Aux loss: HF computes Mixtral's load-balancing loss from the router's full softmax (captured
 router logits), independent of the experts implementation. Its `torch.histc` counts fail on
@@ -49,12 +64,10 @@ Shape legend: T tokens, D hidden, F ffn, E experts, K top-k, C capacity, S = T *
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Callable
-
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from clm.expert_slots import from_slots, to_slots
 from clm.model_math import capacity
 
 IMPLEMENTATIONS = ("hf", "dense", "dropping", "dropless")
@@ -63,6 +76,12 @@ IMPLEMENTATIONS = ("hf", "dense", "dropping", "dropless")
 REGISTRY_KEYS = {"dense": "clm_dense", "dropping": "clm_dropping", "dropless": "clm_dropless"}
 # Set on the HF config by `configure_moe`, read by the experts functions through `self.config`.
 CAPACITY_FACTOR_ATTR = "clm_moe_capacity_factor"
+GROUP_TOKENS_ATTR = "clm_moe_group_tokens"  # tokens per capacity group (None: the whole call)
+# logical dims of the buffers (`use_sharding`): [E, G*C, D] expert-major, [G, M, D] and
+# [E+1, G, C, D] group-major
+EXPERT_BUFFER_DIMS = ("experts", "expert_slots", None)
+GROUPS = ("groups", None, None)
+BUFFER_DIMS = (None, "groups", None, None)
 _STATS_ATTR = "_clm_moe_stats"
 # Experts-count attributes that mark a config as MoE (Mixtral, Qwen-MoE, DeepSeek, ...).
 _NUM_EXPERTS_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -96,9 +115,17 @@ def register_experts_functions() -> None:
         ALL_EXPERTS_FUNCTIONS.register(key, _EXPERTS_FUNCTIONS[name])
 
 
-def configure_moe(hf_config, implementation: str, capacity_factor: float) -> None:
-    """Make models built from `hf_config` afterwards use `implementation`; no-op for dense LMs."""
+def configure_moe(
+    hf_config, implementation: str, capacity_factor: float, group_tokens: int | None = None
+) -> None:
+    """Make models built from `hf_config` afterwards use `implementation`; no-op for dense LMs.
+
+    `group_tokens`: tokens per capacity group of the dropping experts (one sequence: the
+    trainer passes max_length); None: all the tokens of a forward call form one group.
+    """
     implementation = resolve_implementation(implementation, capacity_factor)
+    if group_tokens is not None and int(group_tokens) < 1:
+        raise ValueError(f"capacity group of {group_tokens} tokens: must be >= 1")
     register_experts_functions()
     for config in _config_tree(hf_config):
         if not _is_moe_config(config):
@@ -106,6 +133,7 @@ def configure_moe(hf_config, implementation: str, capacity_factor: float) -> Non
         # "hf": None lets transformers pick its default at model init, as with no override.
         config._experts_implementation = REGISTRY_KEYS.get(implementation)
         setattr(config, CAPACITY_FACTOR_ATTR, float(capacity_factor))
+        setattr(config, GROUP_TOKENS_ATTR, None if group_tokens is None else int(group_tokens))
 
 
 def _config_tree(hf_config) -> list:
@@ -144,6 +172,31 @@ def _record_stats(experts, load_E: torch.Tensor, kept: torch.Tensor | None, num_
         else:
             drop = 1.0 - kept.sum().float() / num_assignments
         setattr(experts, _STATS_ATTR, torch.stack([drop, load_ratio]).detach())
+
+
+@torch.no_grad()
+def record_stats_from_router(experts, router_logits_TE: torch.Tensor) -> None:
+    """Record on `experts` the statistics its experts function records in a forward, from the
+    router logits of that forward alone: the top-k as HF's Mixtral router takes them, then the
+    same load and, for `dropping`, the same capacity groups and drops. For a forward whose
+    statistics cannot leave it (the body of a scanned loop, clm/backends/xla_scan.py)."""
+    config = experts.config
+    name = {key: name for name, key in REGISTRY_KEYS.items()}.get(config._experts_implementation)
+    if name is None:  # "hf": records nothing
+        return
+    probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
+    top_k_index_TK = torch.topk(probs_TE, config.num_experts_per_tok, dim=-1).indices
+    num_tokens, top_k = top_k_index_TK.shape
+    if name != "dropping":
+        load_E = _onehot_SE(top_k_index_TK, experts.num_experts).sum(0)
+        _record_stats(experts, load_E, None, top_k_index_TK.numel())
+        return
+    group_tokens, groups = _capacity_groups(experts, num_tokens)
+    capacity_ = capacity(
+        group_tokens, top_k, experts.num_experts, getattr(config, CAPACITY_FACTOR_ATTR)
+    )
+    _, kept_S, load_E = dispatch_plan(top_k_index_TK, experts.num_experts, capacity_, groups)
+    _record_stats(experts, load_E, kept_S, kept_S.numel())
 
 
 # --------------------------------------------------------------------------- aux loss
@@ -189,6 +242,29 @@ def use_static_load_balancing_loss() -> None:
     modeling_mixtral.load_balancing_loss_func = load_balancing_loss
 
 
+# --------------------------------------------------------------------------- sharding
+
+# Set by a backend that partitions one program over devices (XLA SPMD: `wrap_model`), as
+# `clm.backends.xla_spmd.ActivationSharding`; None (eager backends): every tensor is whole.
+_SHARDING = None
+
+
+def use_sharding(sharding) -> None:
+    """Lay out the experts' buffers with `sharding` (its `constrain(tensor, dims)`)."""
+    global _SHARDING
+    _SHARDING = sharding
+
+
+def _constrain(tensor: torch.Tensor, dims: tuple) -> torch.Tensor:
+    """Lay a buffer out by logical dims: groups (sequences) on the data axes; the experts'
+    [E, G*C, D] with experts on the expert-parallel axis and slots on the data axes. XLA's
+    partitioner does not infer the latter: the experts' matmul contracts D, which FSDP shards
+    too, and without it the slots stayed whole (a 1.3 TB buffer per device)."""
+    if _SHARDING is None or tensor.device.type != "xla":
+        return tensor
+    return _SHARDING.constrain(tensor, dims)
+
+
 # --------------------------------------------------------------------------- shared pieces
 
 
@@ -227,6 +303,16 @@ def _onehot_SE(top_k_index_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return (top_k_index_TK.reshape(-1, 1) == experts_E).to(torch.int32)
 
 
+def _scatter_rows(src_ND: torch.Tensor, index_N: torch.Tensor, rows: int) -> torch.Tensor:
+    """out[index[n]] = src[n] in a [rows, D] zero tensor.
+
+    Built on index_copy, whose backward is a gather: no scatter-add (slow on CPU, atomics
+    on GPU) in either direction, unlike indexing whose backward accumulates.
+    """
+    out_RD = src_ND.new_zeros(rows, src_ND.shape[1])
+    return out_RD.index_copy(0, index_N, src_ND)
+
+
 def _weighted_sum_over_k(y_SD: torch.Tensor, weights_TK: torch.Tensor, dtype) -> torch.Tensor:
     """sum_k w[t, k] * y[t, k]: a reshape + sum (deterministic, fp32 weights as HF does)."""
     num_tokens, top_k = weights_TK.shape
@@ -256,30 +342,20 @@ def dense_experts_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK):
 # --------------------------------------------------------------------------- dropping
 
 
-def dispatch_plan(top_k_index_TK: torch.Tensor, num_experts: int, capacity: int):
-    """Where each (token, k) assignment goes in the flattened [E * C] expert buffer.
+def dispatch_plan(
+    top_k_index_TK: torch.Tensor, num_experts: int, capacity: int, groups: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each (token, k) assignment's rank in its expert's queue within its group.
 
-    Returns (slot_S, kept_S, load_E). Rank in the expert's queue = number of earlier
-    assignments, in flattened (token, k) order, to the same expert. Dropped ones get slot
-    E * C, one spare row that is never computed.
+    The T tokens are `groups` groups of T / groups consecutive tokens. Returns (rank_S, kept_S,
+    load_E), flattened in (token, k) order: rank = the number of earlier assignments of the same
+    group, in (token, k) order, to the same expert; kept = rank < capacity; load_E counts every
+    assignment (before dropping).
     """
-    expert_S = top_k_index_TK.reshape(-1)
-    onehot_SE = _onehot_SE(top_k_index_TK, num_experts)
-    rank_S = (onehot_SE.cumsum(0) * onehot_SE).sum(1) - 1
-    kept_S = rank_S < capacity
-    spare = torch.full_like(expert_S, num_experts * capacity)
-    slot_S = torch.where(kept_S, expert_S * capacity + rank_S, spare)
-    return slot_S, kept_S, onehot_SE.sum(0)
-
-
-def _scatter_rows(src_ND: torch.Tensor, index_N: torch.Tensor, rows: int) -> torch.Tensor:
-    """out[index[n]] = src[n] in a [rows, D] zero tensor.
-
-    Built on index_copy, whose backward is a gather: no scatter-add (slow on CPU, atomics
-    on GPU) in either direction, unlike indexing whose backward accumulates.
-    """
-    out_RD = src_ND.new_zeros(rows, src_ND.shape[1])
-    return out_RD.index_copy(0, index_N, src_ND)
+    onehot_GME = _onehot_SE(top_k_index_TK, num_experts).view(groups, -1, num_experts)
+    rank_GM = (onehot_GME.cumsum(1) * onehot_GME).sum(2) - 1
+    rank_S = rank_GM.reshape(-1)
+    return rank_S, rank_S < capacity, onehot_GME.sum((0, 1))
 
 
 def _run_experts_ECD(experts, x_ECD: torch.Tensor) -> torch.Tensor:
@@ -289,7 +365,7 @@ def _run_experts_ECD(experts, x_ECD: torch.Tensor) -> torch.Tensor:
     gradient dW = dh^T x then comes out in the parameter's own [E, out, in] layout. The x W^T
     form yields it transposed, and AccumulateGrad copies every expert weight gradient into
     the parameter's layout (measured on CPU at 4096 x 1024 x 3584 x 8: fwd+bwd of dropping
-    went from 1.43x to 1.24x the time of dropless; outputs and gradients bitwise equal).
+    went from 1.43x to 1.24x the time of dropless; outputs and gradients equal within 1e-5).
     """
     w_gate_up_EF2D, w_down_EDF = _weights_EOI(experts)
     h_EF2C = torch.bmm(w_gate_up_EF2D, x_ECD.transpose(1, 2))
@@ -297,37 +373,52 @@ def _run_experts_ECD(experts, x_ECD: torch.Tensor) -> torch.Tensor:
     return torch.bmm(w_down_EDF, h_ECF.transpose(1, 2)).transpose(1, 2)
 
 
-def _capacity_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK, capacity_: int):
-    """Static-shape dispatch -> batched experts -> combine, with `capacity_` slots per expert."""
+def _capacity_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK, capacity_: int, groups):
+    """Static-shape dispatch -> batched experts -> combine: in each of `groups` groups of
+    tokens every expert has `capacity_` slots (module docstring)."""
     _check_layout(experts)
-    dim = x_TD.shape[1]
+    num_tokens, dim = x_TD.shape
     num_experts, top_k = experts.num_experts, top_k_index_TK.shape[1]
-    slot_S, kept_S, load_E = dispatch_plan(top_k_index_TK, num_experts, capacity_)
-    num_slots, num_assignments = num_experts * capacity_, slot_S.numel()
-    # Kept assignments to their slots; all dropped ones to the spare last row, cut off.
-    x_SD = x_TD.to(experts.gate_up_proj.dtype).repeat_interleave(top_k, dim=0)
-    x_ECD = _scatter_rows(x_SD, slot_S, num_slots + 1)[:-1].view(num_experts, capacity_, dim)
-    y_ECD = _run_experts_ECD(experts, x_ECD)
-    # Which assignment fills each slot (empty slots: the spare assignment row S).
-    assignment_S = torch.arange(num_assignments, device=slot_S.device)
-    filler_EC = slot_S.new_full((num_slots + 1,), num_assignments)
-    filler_EC = filler_EC.index_copy(0, slot_S, assignment_S)[:-1]
-    # Dropped assignments are never written: they add exactly 0.
-    y_SD = _scatter_rows(y_ECD.reshape(num_slots, dim), filler_EC, num_assignments + 1)[:-1]
-    _record_stats(experts, load_E, kept_S, slot_S.numel())
-    return _weighted_sum_over_k(y_SD, top_k_weights_TK, x_TD.dtype)
+    per_group = num_tokens * top_k // groups  # assignments per group, M
+    rank_S, kept_S, load_E = dispatch_plan(top_k_index_TK, num_experts, capacity_, groups)
+    # Kept assignments to their slot (expert, rank) in their group; dropped ones name the
+    # expert E, out of range (clm.expert_slots)
+    expert_GM = torch.where(kept_S, top_k_index_TK.reshape(-1), num_experts).view(groups, -1)
+    slot_GM = torch.where(kept_S, rank_S, 0).view(groups, -1)
+    x_GMD = x_TD.to(experts.gate_up_proj.dtype).repeat_interleave(top_k, dim=0)
+    x_GMD = _constrain(x_GMD.view(groups, per_group, dim), GROUPS)
+    x_EGCD = _constrain(to_slots(x_GMD, expert_GM, slot_GM, num_experts, capacity_), BUFFER_DIMS)
+    x_ECD = _constrain(x_EGCD.view(num_experts, groups * capacity_, dim), EXPERT_BUFFER_DIMS)
+    y_ECD = _constrain(_run_experts_ECD(experts, x_ECD), EXPERT_BUFFER_DIMS)
+    y_EGCD = _constrain(y_ECD.view(num_experts, groups, capacity_, dim), BUFFER_DIMS)
+    y_GMD = _constrain(from_slots(y_EGCD, expert_GM, slot_GM), GROUPS)
+    _record_stats(experts, load_E, kept_S, kept_S.numel())
+    return _weighted_sum_over_k(y_GMD.reshape(-1, dim), top_k_weights_TK, x_TD.dtype)
 
 
 def dropping_experts_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK):
-    """Capacity-factor dropping (see module docstring for the capacity and the drop order)."""
+    """Capacity-factor dropping (see module docstring for the groups, capacity and drop order)."""
     capacity_factor = getattr(experts.config, CAPACITY_FACTOR_ATTR, None)
     if not capacity_factor or capacity_factor <= 0:
         raise ValueError(
             f"dropping experts need config.{CAPACITY_FACTOR_ATTR} > 0: call clm.moe.configure_moe"
         )
-    num_tokens, top_k = top_k_index_TK.shape
-    capacity_ = capacity(num_tokens, top_k, experts.num_experts, capacity_factor)
-    return _capacity_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK, capacity_)
+    group_tokens, groups = _capacity_groups(experts, top_k_index_TK.shape[0])
+    capacity_ = capacity(
+        group_tokens, top_k_index_TK.shape[1], experts.num_experts, capacity_factor
+    )
+    return _capacity_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK, capacity_, groups)
+
+
+def _capacity_groups(experts, num_tokens: int) -> tuple[int, int]:
+    """(tokens per capacity group, groups) for a forward call of `num_tokens` tokens."""
+    group_tokens = getattr(experts.config, GROUP_TOKENS_ATTR, None) or num_tokens
+    if num_tokens % group_tokens:
+        raise ValueError(
+            f"{num_tokens} tokens do not split into capacity groups of {group_tokens} "
+            "(one sequence each)"
+        )
+    return group_tokens, num_tokens // group_tokens
 
 
 # --------------------------------------------------------------------------- dropless
@@ -335,9 +426,12 @@ def dropping_experts_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK):
 
 def dropless_experts_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK):
     """Exact: sort assignments by expert, grouped GEMM, unsort, weighted sum over k."""
-    if x_TD.device.type == "xla" and not _pallas_gmm_available():
-        num_tokens = x_TD.shape[0]  # C = T never drops: exact and static
-        return _capacity_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK, num_tokens)
+    if x_TD.device.type == "xla":
+        # C = the group's tokens never drops (a token's top-k experts are distinct): exact, static
+        group_tokens, groups = _capacity_groups(experts, x_TD.shape[0])
+        return _capacity_forward(
+            experts, x_TD, top_k_index_TK, top_k_weights_TK, group_tokens, groups
+        )
     _check_layout(experts)
     num_experts, top_k = experts.num_experts, top_k_index_TK.shape[1]
     expert_S = top_k_index_TK.reshape(-1)
@@ -358,8 +452,6 @@ def dropless_experts_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK):
 def _grouped_matmul(x_SI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor):
     """Rows of x grouped by expert (counts_E rows each, in order) times their expert's w."""
     device = x_SI.device.type
-    if device == "xla":
-        return _pallas_gmm(x_SI, w_EIO, counts_E)
     use_kernel = device == "cuda" or CPU_DROPLESS_BACKEND == "grouped_mm"
     if use_kernel and _grouped_mm_supported(x_SI, w_EIO):
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)
@@ -388,34 +480,6 @@ def _looped_matmul(x_SI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tens
     """One matmul per expert over its contiguous rows; one host sync for the counts."""
     chunks = x_SI.split(counts_E.tolist())
     return torch.cat([chunk @ w_EIO[e] for e, chunk in enumerate(chunks)])
-
-
-_PALLAS_GMM: Callable | None = None
-_PALLAS_CHECKED = False
-
-
-def _pallas_gmm_available() -> bool:
-    """True on TPU with torch_xla's Pallas megablox `gmm` importable (needs jax)."""
-    global _PALLAS_GMM, _PALLAS_CHECKED
-    if not _PALLAS_CHECKED:
-        _PALLAS_CHECKED = True
-        try:
-            import torch_xla.runtime as xr
-
-            if xr.device_type() == "TPU" and importlib.util.find_spec("jax") is not None:
-                from torch_xla.experimental.custom_kernel import GMM
-
-                _PALLAS_GMM = GMM.apply
-        except (ImportError, RuntimeError):
-            _PALLAS_GMM = None
-    return _PALLAS_GMM is not None
-
-
-def _pallas_gmm(x_SI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor):
-    """Pallas grouped matmul (TPU). Static shapes: group sizes are data, not shape."""
-    if not _pallas_gmm_available():
-        raise RuntimeError("Pallas gmm needs a TPU and jax; use the dropping fallback")
-    return _PALLAS_GMM(x_SI, w_EIO, counts_E.to(torch.int32))
 
 
 _EXPERTS_FUNCTIONS = {

@@ -69,8 +69,9 @@ class Chip:
 # Public specifications (per chip):
 #   v4   275 TFLOP/s bf16, 32 GiB HBM2, 2 TensorCores per chip; 4 chips per host; v4-8 = 4 chips
 #        (cloud.google.com/tpu/docs/v4)
-#   v5p  459 TFLOP/s bf16, 95 GB HBM2e, 2 TensorCores per chip; topology table: 2x2x1 = 8 cores
-#        = 4 chips = 1 host, so v5p-128 = 4x4x4 = 64 chips (cloud.google.com/tpu/docs/v5p)
+#   v5p  459 TFLOP/s bf16, 95 GiB HBM2e that a program may allocate (96 GiB physical, less what
+#        the TPU system and libtpu reserve), 2 TensorCores per chip; topology table: 2x2x1 = 8
+#        cores = 4 chips = 1 host, so v5p-128 = 4x4x4 = 64 chips (cloud.google.com/tpu/docs/v5p)
 #   v5e  197 TFLOP/s bf16, 16 GB HBM2, 1 TensorCore per chip; v5litepod-N = N chips
 #        (cloud.google.com/tpu/docs/v5e)
 #   v6e  918 TFLOP/s bf16, 32 GB HBM, 1 TensorCore per chip; v6e-N = N chips
@@ -80,7 +81,7 @@ class Chip:
 # v5e/v6e slices of up to 8 chips are one host; larger ones have 4 chips per host.
 CHIPS = {
     "v4": Chip("TPU v4", 2, 32 * GIB, 275.0, 4, 4096),
-    "v5p": Chip("TPU v5p", 2, 95e9, 459.0, 4, 8960),
+    "v5p": Chip("TPU v5p", 2, 95 * GIB, 459.0, 4, 8960),
     "v5e": Chip("TPU v5e", 1, 16e9, 197.0, 4, 256),
     "v6e": Chip("TPU v6e", 1, 32e9, 918.0, 4, 256),
     "h100": Chip("NVIDIA H100 SXM", 1, 80e9, 989.0, 8, 16384),
@@ -320,9 +321,9 @@ def layer_activation_bytes(
         contiguous copy that o_proj keeps;
       router: fp32 logits, top-k weights and indices;
       experts (clm.moe dropping path): the dispatched input [slots, D], gate_up output
-        [slots, 2F], silu(gate) and the gated activation [slots, F], the experts' output
-        [slots, D] and the repeated input [K, D] (index_copy keeps its source), the
-        per-assignment outputs [K, D] and the int64 slot maps.
+        [slots, 2F], silu(gate) and the gated activation [slots, F], the per-assignment
+        outputs [K, D] and the int64 routing and slot maps (the indexed copies keep only their
+        indices).
     In the experts' backward the gradients of the [slots, 2F] and [slots, F] intermediates are
     alive together with all of that.
     """
@@ -330,7 +331,7 @@ def layer_activation_bytes(
     norms = 2 * (4 * d + 2 * act * d)
     attn = act * (q + 2 * kv) / tensor + 2 * act * q / tensor + 4 * m.heads / tensor
     router = 4 * m.experts + (4 + 8 + 4) * m.top_k
-    experts = act * slots * (2 * d + 4 * f / tensor) + 2 * act * m.top_k * d + 8 * (slots + m.top_k)
+    experts = act * slots * (d + 4 * f / tensor) + act * m.top_k * d + 8 * (slots + 3 * m.top_k)
     tokens = rows * seq_len
     saved = tokens * (norms + attn + router + experts)
     grads = tokens * act * slots * 3 * f / tensor
@@ -347,10 +348,12 @@ def memory_per_device(
     axis_sizes: dict[str, int],
     rows: int,
     seq_len: int,
-    tokens_per_moe_call: int,
     attention: str,
 ) -> Memory:
-    """Per-device bytes for `rows` sequences per device per micro-batch (see `Memory`)."""
+    """Per-device bytes for `rows` sequences per device per micro-batch (see `Memory`).
+
+    The dropping experts' capacity is per sequence (clm.moe's capacity groups, as the trainer
+    sets them), so their buffers per token do not depend on the device count."""
     param_bytes = DTYPE_BYTES[model_cfg.dtype]
     act = param_bytes  # activations in the model dtype
     fsdp, tensor = axis_sizes.get("fsdp", 1), axis_sizes.get("tensor", 1)
@@ -369,7 +372,7 @@ def memory_per_device(
         if name == output:  # the logits are split like the output projection's vocab dim
             logits_shard = math.prod(axis_sizes.get(a, 1) for a in axes_of(spec[0]))
     params = local * param_bytes
-    slots = expert_slots_per_token(m, model_cfg, tokens_per_moe_call)
+    slots = expert_slots_per_token(m, model_cfg, seq_len)
     saved, grads = layer_activation_bytes(m, act, slots, tensor, seq_len, rows, attention)
     tokens = rows * seq_len
     if model_cfg.gradient_checkpointing:
@@ -421,6 +424,7 @@ class Plan:
     gradient_checkpointing: bool
     experts_slots: float
     smallest_fit: tuple[str, int, int] | None  # (slice name, chips, accumulation)
+    config: DictConfig | None = None  # the run's finalized config on this slice
 
     @property
     def devices(self) -> int:
@@ -524,10 +528,9 @@ def plan(argv: list[str]) -> Plan:
     config_lib.finalize(cfg, dp)  # checks the global batch; derives the eval cadence
 
     seq, rows = int(cfg.max_length), int(cfg.per_device_train_batch_size)
-    memory = _memory_for(cfg, shape, slice_, mesh, dp, attention)
+    memory = _memory_for(cfg, shape, mesh, attention)
     usable = slice_.chip.hbm_bytes * (1 - reserve)
     total, active = count_parameters(shape)
-    tokens = _moe_tokens(slice_, rows, dp, seq)
     return Plan(
         overrides=overrides,
         slice=slice_,
@@ -552,24 +555,17 @@ def plan(argv: list[str]) -> Plan:
         eval_frequency=int(cfg.eval_frequency),
         max_steps=int(cfg.max_steps),
         gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
-        experts_slots=expert_slots_per_token(shape, cfg.model, tokens),
+        experts_slots=expert_slots_per_token(shape, cfg.model, seq),
         smallest_fit=_smallest_fit(
             cfg, shape, slice_, num_slices, usable, attention, user_set, batch_fixed
         ),
+        config=cfg,
     )
 
 
-def _moe_tokens(slice_: Slice, rows: int, data_parallel: int, seq_len: int) -> int:
-    """Tokens one experts call sees: the global micro-batch under XLA SPMD (one program for
-    the whole mesh), the device's own rows on GPUs (one process per device)."""
-    return rows * seq_len * (data_parallel if slice_.is_tpu else 1)
-
-
-def _memory_for(cfg, shape, slice_, mesh, dp, attention) -> Memory:
+def _memory_for(cfg, shape, mesh, attention) -> Memory:
     rows, seq = int(cfg.per_device_train_batch_size), int(cfg.max_length)
-    return memory_per_device(
-        shape, cfg.model, mesh, rows, seq, _moe_tokens(slice_, rows, dp, seq), attention
-    )
+    return memory_per_device(shape, cfg.model, mesh, rows, seq, attention)
 
 
 def _smallest_fit(cfg, shape, slice_, num_slices, usable, attention, user_set, batch_fixed):
@@ -593,7 +589,7 @@ def _smallest_fit(cfg, shape, slice_, num_slices, usable, attention, user_set, b
         rows = int(cfg.per_device_train_batch_size) * dp * accumulation
         batch_ok = not batch_fixed or rows == int(cfg.global_train_batch_size)
         candidate = Slice(slice_name(slice_.kind, chips), slice_.kind, chips)
-        if batch_ok and _memory_for(cfg, shape, candidate, mesh, dp, attention).peak <= usable:
+        if batch_ok and _memory_for(cfg, shape, mesh, attention).peak <= usable:
             return candidate.name, chips, accumulation
         chips *= 2
     return None

@@ -36,6 +36,16 @@ MESH_AXES = ("fsdp", "tensor", "expert")
 # data rows are split over these mesh axes together
 BATCH_AXES = ("fsdp", "expert")
 
+# Logical activation dimensions -> mesh axes: batch rows and clm.moe's capacity groups
+# (sequences) on the data axes; grouped by expert, experts on the expert axis and their slots
+# on the remaining data axis.
+ACTIVATION_AXES = {
+    "batch": BATCH_AXES,
+    "groups": BATCH_AXES,
+    "experts": "expert",
+    "expert_slots": "fsdp",
+}
+
 # (regex on the parameter name, one mesh-axis entry per dimension); first match wins.
 # HF layouts: Linear weights are [out, in]; Mixtral experts are gate_up_proj [E, 2F, D] and
 # down_proj [E, D, F]. Megatron-style tensor parallelism: column-parallel q/k/v and gate_up

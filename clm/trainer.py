@@ -198,15 +198,21 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.backend.device)
         count = torch.zeros((), dtype=torch.int64, device=self.backend.device)
         for batch in self.eval_set.batches(self.cfg.global_eval_batch_size):
-            batch = self.backend.local_rows(batch)  # every process reads the same eval batches
-            nll, n, _ = model_lib.forward(self.model, self.backend.to_device(batch), False)
-            total += nll.double()
-            count += n
+            self.eval_step(batch, total, count)
             self.backend.step_boundary()  # XLA: one graph per eval batch, compiled once
         total = self.backend.all_reduce_sum(total)
         count = self.backend.all_reduce_sum(count)
         self.model.train()
         return float(total / count)
+
+    @torch.no_grad()
+    def eval_step(self, batch: dict[str, torch.Tensor], total, count) -> None:
+        """Add one global eval batch's NLL sum and target count to `total` and `count`, in place
+        (device tensors: nothing is read back)."""
+        batch = self.backend.local_rows(batch)  # every process reads the same eval batches
+        nll, n, _ = model_lib.forward(self.model, self.backend.to_device(batch), False)
+        total += nll.double()
+        count += n
 
     # ---- one optimizer step ---------------------------------------------------------------
     def reads_values(self, step: int) -> bool:
@@ -573,13 +579,15 @@ def run(cfg: DictConfig) -> Summary:
         )
     if backend.shards_meta_model:
         model = model_lib.build_sharded_model(
-            cfg.model, backend.device, cfg.seed, backend.wrap_model
+            cfg.model, backend.device, cfg.seed, backend.wrap_model, cfg.max_length
         )
     else:
         place, region = None, None
         if backend.places_weights:
             place, region = backend.place, backend.region
-        model = model_lib.build_model(cfg.model, backend.init_device, cfg.seed, place, region)
+        model = model_lib.build_model(
+            cfg.model, backend.init_device, cfg.seed, place, region, cfg.max_length
+        )
         model = backend.wrap_model(model)
     _check_vocab(cfg, model, tokenizer)
     optimizer = optim.build_optimizer(

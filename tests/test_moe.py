@@ -457,3 +457,77 @@ def test_xla_static_shapes_zero_recompiles(tmp_path):
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_capacity_is_per_group_of_tokens(groups):
+    """With capacity groups (one sequence each, as the trainer sets them), each group is the
+    python reference on its own tokens: its own capacity, its own queue; the whole call is
+    not one queue (so dropping differs from the ungrouped call)."""
+    group_tokens, num_experts, top_k, dim = 12, 4, 2, 8
+    tokens = groups * group_tokens
+    experts = make_experts(dim, 6, num_experts, top_k, "dropping", 0.75)
+    setattr(experts.config, moe.GROUP_TOKENS_ATTR, group_tokens)
+    x_TD = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(2))
+    index_TK, weights_TK = random_routing(tokens, num_experts, top_k, skew=1.5)
+    capacity = math.ceil(group_tokens * top_k / num_experts * 0.75)
+    reference = copy.deepcopy(experts)
+    x_ref = x_TD.clone().requires_grad_(True)
+    w_ref = weights_TK.clone().requires_grad_(True)
+    parts = [
+        python_reference(reference, x_ref[g], index_TK[g], w_ref[g], capacity)
+        for g in (slice(i * group_tokens, (i + 1) * group_tokens) for i in range(groups))
+    ]
+    ref_out = torch.cat([out for out, _ in parts])
+    ref_kept = torch.cat([kept for _, kept in parts])
+    ungrouped = python_reference(copy.deepcopy(experts), x_TD, index_TK, weights_TK, capacity)
+    assert not torch.equal(ungrouped[1], ref_kept)  # the grouping matters on this routing
+    ref_out.backward(torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(123)))
+    ref_grads = [x_ref.grad, w_ref.grad, reference.gate_up_proj.grad, reference.down_proj.grad]
+    result = run_experts(experts, "clm_dropping", x_TD, index_TK, weights_TK)
+    assert_same(result, (ref_out.detach(), ref_grads))
+    _, kept_S, _ = moe.dispatch_plan(index_TK, num_experts, capacity, groups)
+    assert torch.equal(kept_S.view(tokens, top_k), ref_kept)
+    with pytest.raises(ValueError, match="capacity groups of 12"):
+        experts(torch.randn(tokens + 1, dim), *random_routing(tokens + 1, num_experts, top_k))
+
+
+def test_trained_models_group_capacity_by_sequence():
+    """The trainer's build passes max_length: capacity is counted per sequence."""
+    from conftest import model_cfg
+
+    from clm.model import build_model
+
+    cfg = model_cfg(config_path="mixtral_small.json", capacity_factor=1.25)
+    model = build_model(cfg, torch.device("cpu"), 0, sequence_length=64)
+    assert getattr(model.config, moe.GROUP_TOKENS_ATTR) == 64
+    assert getattr(build_model(cfg, torch.device("cpu"), 0).config, moe.GROUP_TOKENS_ATTR) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
+def test_expert_slot_copies_are_the_same_in_jax():
+    """clm.expert_slots' jax scatter and gather (what XLA runs) equal its torch ones, dropped
+    assignments (expert E, out of range) included, and each is the other's adjoint."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from clm import expert_slots
+
+    num_experts, groups, capacity, dim, per_group = 4, 3, 5, 6, 10
+    gen = torch.Generator().manual_seed(0)
+    top_k_index_TK = torch.randint(0, num_experts, (groups * per_group, 1), generator=gen)
+    rank_S, kept_S, _ = moe.dispatch_plan(top_k_index_TK, num_experts, capacity, groups)
+    expert_GM = torch.where(kept_S, top_k_index_TK.reshape(-1), num_experts).view(groups, -1)
+    slot_GM = torch.where(kept_S, rank_S, 0).view(groups, -1)
+    assert (expert_GM == num_experts).any()  # some dropped
+    x_GMD = torch.randn(groups, per_group, dim, generator=gen)
+    y_EGCD = torch.randn(num_experts, groups, capacity, dim, generator=gen)
+    e, s = jnp.asarray(expert_GM.int().numpy()), jnp.asarray(slot_GM.int().numpy())
+    jax_x = expert_slots._jax_to_slots(jnp.asarray(x_GMD.numpy()), e, s, num_experts, capacity)
+    jax_y = expert_slots._jax_from_slots(jnp.asarray(y_EGCD.numpy()), e, s)
+    torch_x = expert_slots.to_slots(x_GMD, expert_GM, slot_GM, num_experts, capacity)
+    torch_y = expert_slots.from_slots(y_EGCD, expert_GM, slot_GM)
+    assert np.array_equal(np.asarray(jax_x), torch_x.numpy())
+    assert np.array_equal(np.asarray(jax_y), torch_y.numpy())
+    # adjoint: <to_slots(x), y> == <x, from_slots(y)>
+    torch.testing.assert_close((torch_x * y_EGCD).sum(), (x_GMD * torch_y).sum())

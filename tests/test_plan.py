@@ -199,7 +199,7 @@ def test_state_bytes_match_a_real_adamw_step(tiny_models, dtype):
     optimizer.zero_grad(set_to_none=True)
 
     shape = plan.load_model_shape(cfg.model)
-    mem = plan.memory_per_device(shape, cfg.model, {"fsdp": 1}, 1, 32, 32, "flash")
+    mem = plan.memory_per_device(shape, cfg.model, {"fsdp": 1}, 1, 32, "flash")
     assert mem.params == params
     assert mem.state == pytest.approx(measured, rel=STATE_TOLERANCE)
 

@@ -184,6 +184,7 @@ def _xla_backend(cfg: DictConfig) -> Backend:
         int(cfg.expert_parallelism),
         num_slices=int(cfg.get("num_slices", 1)),
         attention=str(cfg.get("xla_attention", "auto")),
+        scan_layers=bool(cfg.get("xla_scan_layers", False)),
         compile_cache_dir=cfg.get("local_compile_cache_dir"),
         profile_step=int(cfg.get("xla_profile_step", -1)),
         profile_dir=os.path.join(str(cfg.run_dir), "profile"),

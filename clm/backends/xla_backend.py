@@ -85,13 +85,14 @@ buffer. We do not wrap in the FSDPv2 class itself: it renames every parameter
 (`..._orig_module...`), and checkpoints would no longer move between backends; its parameter
 sharding is the fsdp column of the rules table.
 
-`model.gradient_checkpointing` keeps HF's non-reentrant per-layer checkpointing. torch_xla's
-own `checkpoint_module` is reentrant: its first forward runs without autograd, so the router
-logits HF records there for the load-balancing loss carry no gradient, and the router would
-silently stop learning from that loss (measured: losses drift from the CPU run by 3e-3 by step
-3). The price: torch_xla puts an optimization barrier before its recompute so that XLA cannot
-merge it back into the forward; the non-reentrant path has none, and how much memory it saves
-on a TPU is not measured yet.
+`model.gradient_checkpointing` keeps HF's non-reentrant per-layer checkpointing, with the
+recomputation fenced by an optimization barrier as torch_xla's own checkpoint fences it
+(`_checkpoint_with_barrier`): without one XLA merges the recomputation into the forward and
+saves nothing. torch_xla's own `checkpoint_module` is reentrant: its first forward runs
+without autograd, so the router logits HF records there for the load-balancing loss carry no
+gradient, and the router would silently stop learning from that loss (measured: losses drift
+from the CPU run by 3e-3 by step 3). With `xla_scan_layers` the layers are one scanned loop
+instead, recomputed by the scan's partitioner (clm/backends/xla_scan.py).
 
 XLA traces lazily: `step_boundary()` (`torch_xla.sync()`) cuts the graph after each optimizer
 step and each eval batch, so every step runs the same compiled program, and launches it
@@ -119,9 +120,12 @@ import torch_xla.debug.metrics as met
 import torch_xla.distributed.spmd as xs
 import torch_xla.runtime as xr
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import checkpoint
 from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
 
-from clm.backends import Backend
+from clm.backends import Backend, pallas
+from clm.backends.xla_spmd import ActivationSharding
 from clm.config import ConfigError
 from clm.sharding import (
     BATCH_AXES,
@@ -145,6 +149,7 @@ class XlaBackend(Backend):
         expert_parallelism: int = 1,
         num_slices: int = 1,
         attention: str = "auto",
+        scan_layers: bool = False,
         compile_cache_dir: str | None = None,
         profile_step: int = -1,
         profile_dir: str | None = None,
@@ -154,24 +159,22 @@ class XlaBackend(Backend):
         if compile_cache_dir and os.environ.get("PJRT_DEVICE") == "TPU":
             Path(compile_cache_dir).mkdir(parents=True, exist_ok=True)
             xr.initialize_cache(compile_cache_dir, readonly=False)
+        pallas.jax_for_this_runtime()
+        pallas.tame_torchax()
         xr.use_spmd()  # before any XLA tensor exists
         super().__init__(torch_xla.device())
-        num_devices = xr.global_runtime_device_count()
-        self.num_slices = int(num_slices)
         shape = mesh_shape(
-            num_devices, int(tensor_parallelism), int(expert_parallelism), self.num_slices
+            xr.global_runtime_device_count(),
+            int(tensor_parallelism),
+            int(expert_parallelism),
+            int(num_slices),
         )
-        self.axis_sizes = dict(zip(MESH_AXES, shape, strict=True))
-        self.mesh = _build_mesh(shape, self.num_slices)
+        self._use_mesh(_build_mesh(shape, int(num_slices)), shape, int(num_slices), attention)
+        self.scan_layers = bool(scan_layers)
         # one process per host: process 0 writes the run's files
         self.process_count = xr.process_count()
         self.rank = xr.process_index()
-        self.world_size = num_devices  # devices (per-device throughput and MFU divide by it)
-        self.data_parallel_size = self.axis_sizes["fsdp"] * self.axis_sizes["expert"]
-        # every process loads the whole global batch; to_device transfers each host's rows
-        self.local_data_parallel_size = self.data_parallel_size
         self._batch_specs: dict[int, _ShardingSpec] = {}
-        self._mesh_ids = [int(d) for d in self.mesh.device_ids]
         # this host's devices (global ordinals, as in the mesh): what the sharded transfer cuts
         self._local_ids = [
             int(d.split(":")[-1]) for d in torch_xla._XLAC._xla_get_runtime_devices()
@@ -181,10 +184,21 @@ class XlaBackend(Backend):
         # numbers), and no host holds more than one decoder layer of it.
         self.init_device = torch.device("cpu")
         self.profile_step = int(profile_step)
-        self.attention = attention
-        self.attention_kernel: str | None = None  # which one wrap_model chose (description)
         self.profile_dir = profile_dir
         self.process_group = _host_process_group()
+
+    def _use_mesh(self, mesh: xs.Mesh, shape: tuple, num_slices: int, attention: str) -> None:
+        """The mesh and what follows from it (also for `clm.aot`'s target backend)."""
+        self.mesh = mesh
+        self.num_slices = num_slices
+        self.axis_sizes = dict(zip(MESH_AXES, shape, strict=True))
+        self.world_size = math.prod(shape)  # devices (per-device throughput and MFU divide by it)
+        self.data_parallel_size = self.axis_sizes["fsdp"] * self.axis_sizes["expert"]
+        # every process loads the whole global batch; to_device transfers each host's rows
+        self.local_data_parallel_size = self.data_parallel_size
+        self._mesh_ids = [int(d) for d in self.mesh.device_ids]
+        self.attention = attention
+        self.attention_kernel: str | None = None  # which one wrap_model chose (description)
 
     def checkpoint_options(self, load: bool) -> dict:
         """torch_xla's SPMD planners over the hosts' gloo group (module docstring)."""
@@ -197,7 +211,6 @@ class XlaBackend(Backend):
         CheckpointManager.save_async stages them; host tensors cloned), and a planner that
         writes them without touching the device: the files `checkpoint_options`' planner
         writes, each host only its shards."""
-        from torch.utils._pytree import tree_flatten, tree_unflatten
         from torch_xla.experimental.distributed_checkpoint._helpers import (
             _sharded_cpu_state_dict,
         )
@@ -221,11 +234,19 @@ class XlaBackend(Backend):
             self.process_group = None
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from clm import model as model_lib
         from clm import moe
         from clm.model import place_all
 
+        if model_lib.is_moe(model.config) and not pallas.call_jax_available():
+            raise ConfigError(
+                "backend=xla runs the MoE layers' indexed copies through torch_xla's call_jax, "
+                "which needs jax and torchax: install the pinned requirements.lock"
+            )
         # HF's aux loss uses torch.histc, which XLA cannot lower; ours is equal and static
         moe.use_static_load_balancing_loss()
+        self.activations = ActivationSharding(self.mesh, self.axis_sizes)
+        moe.use_sharding(self.activations)
         with torch.no_grad():  # what build_model did not place yet (a model made on the CPU)
             place_all(model, self._place_if_on_host)
         self._use_flash_attention(model)
@@ -272,8 +293,17 @@ class XlaBackend(Backend):
         self.attention_kernel = "Pallas flash attention" if used else "HF sdpa attention"
 
     def _prepare_layers(self, model: torch.nn.Module) -> None:
-        """FSDPv2's per-layer treatment, in place (see the module docstring)."""
+        """FSDPv2's per-layer treatment, in place (see the module docstring); or the layers
+        as one scanned loop (`xla_scan_layers`, clm/backends/xla_scan.py)."""
         layers = getattr(getattr(model, "model", None), "layers", None)
+        if self.scan_layers:
+            from clm.backends.xla_scan import scan_decoder_layers
+
+            try:
+                scan_decoder_layers(model, self._constrain_rows)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+            return
         if layers is None:
             return
         for layer in layers:
@@ -285,10 +315,12 @@ class XlaBackend(Backend):
             # off: our layers draw no random numbers (no dropout).
             if not hasattr(torch, "xla"):
                 torch._register_device_module("xla", types.ModuleType("torch.xla"))
-            model.activation_checkpointing_disable()
-            model.activation_checkpointing_enable(
-                {"use_reentrant": False, "preserve_rng_state": False}
-            )
+            for layer in layers:  # what HF's checkpointing wrapper calls, per layer
+                if getattr(layer, "gradient_checkpointing", False):
+                    layer._gradient_checkpointing_func = _checkpoint_with_barrier
+
+    def _constrain_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.activations.constrain(hidden, ("batch",) + (None,) * (hidden.ndim - 1))
 
     def _shard_layer_output(self, module, args, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
@@ -311,7 +343,9 @@ class XlaBackend(Backend):
 
     def barrier(self) -> None:
         """Wait for every host (on the hosts' gloo group: the devices are not involved)."""
-        dist.barrier(group=self.process_group)
+        from clm.checkpoint import cpu_barrier
+
+        cpu_barrier(self.process_group)
 
     def any_process(self, flag: bool) -> bool:
         """True when `flag` is True on any host: one int all-reduced over the gloo group."""
@@ -356,6 +390,51 @@ class XlaBackend(Backend):
             where.append(f"{self.process_count} hosts, this one #{self.rank}")
         extra = f"; {', '.join(where)}" if where else ""
         return f"{self.world_size} XLA {kind} devices (SPMD mesh {sizes}{extra})"
+
+
+def _checkpoint_with_barrier(function, *args):
+    """A checkpointed layer (HF's `_gradient_checkpointing_func`): torch's non-reentrant
+    checkpoint, whose recomputation starts from its inputs fenced together with the gradient
+    of its output by an optimization barrier, as torch_xla's own checkpoint fences them.
+    Without the barrier XLA sees the recomputation as the forward's own ops on the same values,
+    merges the two and keeps every activation of every layer until the backward; with the
+    inputs alone behind it, XLA may still start the recomputation during the forward (measured
+    on Mixtral-8x22B at 32K tokens x 1 sequence per device: 23 GB per layer without a barrier,
+    and two layers' experts alive at once with the inputs alone; docs/PERFORMANCE.md).
+
+    Non-reentrant, not torch_xla's reentrant checkpoint: its first forward runs without
+    autograd, so the router logits HF records there for the load-balancing loss would carry no
+    gradient (measured: losses drift from the CPU run by 3e-3 by step 3). No RNG state is
+    stashed: our layers draw no random numbers (no dropout)."""
+    fenced: dict[str, list] = {}
+
+    def run(*inputs):
+        return function(*fenced.pop("inputs", inputs))  # the recomputation takes the fenced
+
+    output = checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False)
+    return _FenceRecomputation.apply(output, fenced, *args)
+
+
+class _FenceRecomputation(torch.autograd.Function):
+    """Identity on a checkpointed layer's output; its backward, which runs just before the
+    layer's own, puts the layer's inputs behind one optimization barrier with the output's
+    gradient and leaves them for the recomputation."""
+
+    @staticmethod
+    def forward(ctx, output, fenced, *inputs):
+        ctx.fenced = fenced
+        ctx.save_for_backward(*inputs)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        tensors = [grad.clone(), *(t.detach().clone() for t in ctx.saved_tensors)]
+        xm.optimization_barrier_(tensors)
+        ctx.fenced["inputs"] = [
+            t.requires_grad_(s.requires_grad)
+            for t, s in zip(tensors[1:], ctx.saved_tensors, strict=True)
+        ]
+        return (tensors[0], None) + (None,) * len(ctx.saved_tensors)
 
 
 class _ShardingSpec(xs.ShardingSpec):
