@@ -1,6 +1,6 @@
 """W&B logging: real wandb in offline mode under run_clm.py, its records read back from the
-`.wandb` files (wandb's own protobuf records) and compared with metrics.jsonl; resume; and a
-broken or disabled wandb, each driving the real command."""
+`.wandb` files (wandb's own protobuf records) and compared with metrics.jsonl; resume; a run that
+fails; a broken wandb driving the real command; WANDB_MODE=disabled."""
 
 from __future__ import annotations
 
@@ -52,8 +52,15 @@ def test_offline_run_holds_the_history_and_a_resume_continues_it(tmp_path):
     args += ["eval_frequency=2", "save_frequency=1000", "wandb.enabled=true"]
     args += ["wandb.tags=[ci,small]", "+hf_token=hf_secret123"]
     run_dir = tmp_path / "runs" / "embedded_default"
+    cwd = tmp_path / "cwd"  # an empty working directory: nothing may appear there either
+    cwd.mkdir()
     proc = subprocess.Popen(
-        args + ["max_steps=400"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        args + ["max_steps=400"],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 300
     metrics = run_dir / "metrics.jsonl"
@@ -69,7 +76,12 @@ def test_offline_run_holds_the_history_and_a_resume_continues_it(tmp_path):
     assert "warning: W&B" not in stderr
 
     again = subprocess.run(
-        args + [f"max_steps={step + 3}"], env=env, capture_output=True, text=True, timeout=300
+        args + [f"max_steps={step + 3}"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert again.returncode == 0, again.stderr
     assert f"(step {step})" in again.stdout and "warning: W&B" not in again.stderr
@@ -104,9 +116,9 @@ def test_offline_run_holds_the_history_and_a_resume_continues_it(tmp_path):
             "embedded_default",
             ["ci", "small"],
         )
-    # nothing outside the run directory: HOME and TMPDIR are as empty as before
-    assert list((tmp_path / "home").rglob("*")) == []
-    assert list((tmp_path / "tmp").rglob("*")) == []
+    # nothing outside the run directory: HOME, TMPDIR and the working directory stay empty
+    for directory in ("home", "tmp", "cwd"):
+        assert list((tmp_path / directory).rglob("*")) == [], directory
     assert "hf_secret123" not in "".join(
         p.read_text(errors="replace") for p in (run_dir / "wandb").rglob("*") if p.is_file()
     )
@@ -148,20 +160,40 @@ def test_a_broken_wandb_warns_once_and_the_run_completes(tmp_path):
     assert len(state["wandb_run_id"]) == 8
 
 
+DISABLED_SCRIPT = """
+import sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from clm import wandb_log
+
+run_dir = Path(sys.argv[1])
+cfg = OmegaConf.create({"wandb": {
+    "enabled": True, "project": "p", "entity": None, "name": "e", "tags": []}})
+run = wandb_log.WandbRun(cfg, run_dir, None, resumed=False)
+run.log(1, {"train/loss": 1.0})
+run.finish(0)
+print(run.active, "wandb" in sys.modules, sorted(p.name for p in run_dir.iterdir()))
+"""
+
+
 def test_wandb_mode_disabled_neither_imports_nor_writes(tmp_path):
     """WANDB_MODE=disabled wins over wandb.enabled=true: with a wandb that would fail at import
-    on the path, the run is silent about W&B and writes no wandb/ directory."""
+    first on the path, what run_clm.py starts on its main process stays silent, imports nothing
+    and writes nothing."""
     stub = write_stub(tmp_path / "stub", "raise ImportError('this wandb is broken')\n")
     env = isolated_env(tmp_path)
     env.update(WANDB_MODE="disabled", PYTHONPATH=os.pathsep.join([str(stub), str(ROOT)]))
-    args = [sys.executable, str(RUN_CLM), f"output_dir={tmp_path / 'runs'}", *SMALL]
-    args += ["max_steps=2", "eval_frequency=2", "save_frequency=0", "wandb.enabled=true"]
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", DISABLED_SCRIPT, str(run_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""
-    run_dir = tmp_path / "runs" / "embedded_default"
-    assert not (run_dir / "wandb").exists()
-    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2]
+    assert (proc.stdout, proc.stderr) == ("False False []\n", "")
 
 
 def test_a_failing_run_ends_its_wandb_run_with_its_status(tmp_path):
