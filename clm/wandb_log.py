@@ -156,17 +156,13 @@ class WandbRun:
         try:
             run.finish(exit_code=exit_code)
         except Exception as e:  # noqa: BLE001
-            self._warn(f"finishing the run failed ({_reason(e)})")
+            self._warn(f"finishing the run failed ({_reason(e)})", "metrics.jsonl is complete")
 
-    def _warn(self, what: str) -> None:
+    def _warn(self, what: str, then: str = "training goes on with metrics.jsonl and TensorBoard"):
         if self._warned:
             return
         self._warned = True
-        print(
-            f"warning: W&B: {what}; training goes on with metrics.jsonl and TensorBoard",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"warning: W&B: {what}; {then}", file=sys.stderr, flush=True)
 
 
 def _import_wandb(tmp: Path):

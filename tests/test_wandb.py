@@ -196,6 +196,69 @@ def test_wandb_mode_disabled_neither_imports_nor_writes(tmp_path):
     assert (proc.stdout, proc.stderr) == ("False False []\n", "")
 
 
+FAILING_LOG_STUB = """
+import types
+
+
+class Settings:
+    def __init__(self, **kwargs):
+        pass
+
+
+class Run:
+    settings = types.SimpleNamespace(mode="offline", sync_file="/nonexistent/run-x.wandb")
+    starting_step = 0
+    logged = []
+
+    def log(self, row, step):
+        if step == 3:
+            raise BrokenPipeError("the service went away")
+        self.logged.append(step)
+
+    def finish(self, exit_code):
+        raise AssertionError("finish after a failed log")
+
+
+def init(**kwargs):
+    return Run()
+"""
+
+FAILING_LOG_SCRIPT = """
+import sys
+from pathlib import Path
+from omegaconf import OmegaConf
+import wandb
+from clm import wandb_log
+
+cfg = OmegaConf.create({"wandb": {
+    "enabled": True, "project": "p", "entity": None, "name": "e", "tags": []}})
+run = wandb_log.WandbRun(cfg, Path(sys.argv[1]), None, resumed=False)
+for step in range(1, 6):
+    run.log(step, {"train/loss": 1.0})
+run.finish(0)
+print(run.active, wandb.Run.logged)
+"""
+
+
+def test_a_wandb_that_fails_while_logging_warns_once_and_stops_calling_it(tmp_path):
+    stub = write_stub(tmp_path / "stub", FAILING_LOG_STUB)
+    env = isolated_env(tmp_path)
+    env.update(WANDB_MODE="offline", PYTHONPATH=os.pathsep.join([str(stub), str(ROOT)]))
+    proc = subprocess.run(
+        [sys.executable, "-c", FAILING_LOG_SCRIPT, str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "False [1, 2]\n"
+    assert proc.stderr.splitlines() == [
+        "warning: W&B: logging step 3 failed (BrokenPipeError: the service went away); no more "
+        "W&B logging; training goes on with metrics.jsonl and TensorBoard"
+    ]
+
+
 def test_a_failing_run_ends_its_wandb_run_with_its_status(tmp_path):
     """A NaN at step 2 (exit 1): the W&B run is finished, not left hanging, with exit code 1
     and the step that was logged."""
