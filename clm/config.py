@@ -155,12 +155,42 @@ def validate(cfg: DictConfig) -> None:
     )
     for key in ("tensor_parallelism", "expert_parallelism", "context_parallelism"):
         _check(int(cfg[key]) >= 1, f"{key}={cfg[key]}: must be >= 1")
+    _validate_wandb(cfg.get("wandb"))
     slices = cfg.get("num_slices", 1)
     _check(
         isinstance(slices, int) and not isinstance(slices, bool) and slices >= 1,
         f"num_slices={slices}: must be a positive integer (TPU slices; it must also divide the "
         "device count, checked when the devices are known)",
     )
+
+
+def _validate_wandb(node) -> None:
+    """The `wandb` block: checked whether or not it is enabled, so a typo fails before a run."""
+    if node is None:
+        return
+    _check(
+        isinstance(node.get("enabled"), bool),
+        f"wandb.enabled={node.get('enabled')}: must be true or false",
+    )
+    for key in ("project", "entity", "name"):
+        value = node.get(key)
+        _check(
+            value is None
+            or (isinstance(value, (str, int)) and not isinstance(value, bool) and str(value)),
+            f"wandb.{key}={value}: must be a name (text) or null",
+        )
+    tags = node.get("tags")
+    _check(
+        tags is None or OmegaConf.is_list(tags),
+        f"wandb.tags={tags}: must be a list, e.g. wandb.tags=[{tags}]",
+    )
+    for tag in tags or ():
+        _check(
+            isinstance(tag, (str, int, float))
+            and not isinstance(tag, bool)
+            and 1 <= len(str(tag)) <= 64,
+            f"wandb.tags: {tag!r} is not a tag (text of 1 to 64 characters)",
+        )
 
 
 # key names ending like these hold secrets (hf_token, db_password, ...; not pad_token_id)

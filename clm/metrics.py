@@ -1,7 +1,8 @@
 """metrics.jsonl, TensorBoard, and the FLOP arithmetic behind TFLOP/s and MFU.
 
 One JSON object per logged step goes to `${run_dir}/metrics.jsonl`, flushed at once so a crash
-loses nothing already logged; the same scalars go to `${run_dir}/tensorboard/`.
+loses nothing already logged; the same scalars go to `${run_dir}/tensorboard/` and, with
+`wandb.enabled=true`, the same records to a W&B run (`clm.wandb_log`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class MetricsWriter:
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self.wandb = None  # a clm.wandb_log.WandbRun, set once it has started (main process)
         if enabled:
             self.path = Path(run_dir) / "metrics.jsonl"
             self._file = open(self.path, "a", encoding="utf-8")
@@ -84,10 +86,15 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
+        if self.wandb is not None:  # exactly the record just written (it never raises)
+            self.wandb.log(step, {k: v for k, v in record.items() if k != "step"})
 
-    def close(self) -> None:
-        """Close both writers; a write error here (disk full) is reported, not raised, so that
-        it never hides the error that ended the run."""
+    def close(self, exit_code: int = 0) -> None:
+        """Close the writers (W&B's run with `exit_code`); a write error here (disk full) is
+        reported, not raised, so that it never hides the error that ended the run."""
+        if self.wandb is not None:
+            self.wandb.finish(exit_code)
+            self.wandb = None
         if self._file is None:
             return
         for handle in (self._file, self._tb):

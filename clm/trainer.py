@@ -3,7 +3,8 @@
 Order (each step may fail with a one-line error before the next costs anything):
   validate config -> backend (devices) -> derived sizes -> run directory -> tokenizer ->
   eval set and train stream (data errors surface here) -> model (meta -> device -> init) ->
-  optimizer and schedule -> loop.
+  optimizer and schedule -> restore -> W&B (main process, optional; never fails the run) ->
+  loop.
 
 The loop: accumulate `gradient_accumulation_steps` micro-batches into one optimizer step,
 normalizing by the token count of the whole global batch so the step's loss is the exact
@@ -39,7 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clm import checkpoint, optim
+from clm import checkpoint, optim, wandb_log
 from clm import config as config_lib
 from clm import data as data_lib
 from clm import model as model_lib
@@ -54,6 +55,7 @@ RUN_DIR_OUTPUTS = (
     "config.yaml",
     "mlperf_compliance.log",
     "profile",
+    "wandb",
 )
 
 
@@ -85,8 +87,8 @@ def prepare_run_dir(cfg: DictConfig, backend: Backend) -> tuple[Path, Path | Non
     """Create the run directory; returns it and the checkpoint to resume from, if any.
 
     An unfinished run with a committed checkpoint in `save_dir` is resumed (`auto_resume`): its
-    metrics after that checkpoint are dropped (the resumed run writes them again, identically)
-    and its MLPerf log is kept aside. Otherwise a directory that already holds a run (or a
+    metrics after that checkpoint are dropped (the resumed run writes them again, identically),
+    its MLPerf log is kept aside and its `wandb/` kept (clm.wandb_log reads what W&B holds). Otherwise a directory that already holds a run (or a
     finished run's checkpoints) is refused unless `overwrite_output_dir=true`, which deletes that
     run's logs and checkpoints first.
 
@@ -169,6 +171,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.eval_losses: list[tuple[int, float]] = []
         self.data_position: dict | None = None  # the stream's saved position (from a checkpoint)
+        self.wandb_run_id: str | None = None  # saved in checkpoints: a resume continues the run
         self.is_moe = model_lib.is_moe(model.config)
         self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
         self.tokens_per_step = cfg.global_train_batch_size * cfg.max_length
@@ -450,6 +453,7 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "data": self.train_stream.state_dict(),  # the stream's position (data.TrainStream)
             "finished": finished,
+            "wandb_run_id": self.wandb_run_id,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -460,6 +464,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self.data_position = state.get("data")  # None: an older checkpoint, replayed instead
+        self.wandb_run_id = state.get("wandb_run_id")
 
     def save_checkpoint(self, finished: bool, wait: bool = False) -> checkpoint.Location:
         """Save this step; returns its directory. Synchronous, or with `async_saves` staged to
@@ -616,11 +621,20 @@ def run(cfg: DictConfig) -> Summary:
         cfg, backend, model, optimizer, scheduler, train_stream, eval_set, metrics, mlperf
     )
     _restore(cfg, trainer, resume_from)
-    mlperf.init_stop()
+    exit_code = 1  # what W&B records if the run ends with an exception
     try:
+        if backend.is_main and wandb_log.enabled(cfg):  # in the MLPerf init phase, not timed
+            resumed = resume_from is not None
+            metrics.wandb = wandb_log.WandbRun(cfg, run_dir, trainer.wandb_run_id, resumed)
+            trainer.wandb_run_id = metrics.wandb.id  # kept even if W&B failed: a resume tries it
+        mlperf.init_stop()
         summary = trainer.train()
+        exit_code = 0
+    except Preempted:
+        exit_code = 143
+        raise
     finally:
-        metrics.close()
+        metrics.close(exit_code)
         mlperf.close()
         backend.close()
     if backend.is_main:
@@ -644,6 +658,8 @@ def _restore(cfg: DictConfig, trainer: Trainer, resume_from: checkpoint.Location
     )
     if state:
         trainer.load_state_dict(state)
+    if resume_from is None:  # started from another run's checkpoint: a W&B run of its own
+        trainer.wandb_run_id = None
     if trainer.backend.is_main:
         print(f"restored {source} (step {trainer.step})", flush=True)
         if state:

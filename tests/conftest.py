@@ -24,6 +24,8 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
     env["HF_HUB_OFFLINE"] = "1"
     env.pop("WORLD_SIZE", None)
     env.pop("PJRT_DEVICE", None)
+    for name in [n for n in env if n.startswith("WANDB_")]:  # a developer's W&B settings
+        env.pop(name)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -152,6 +152,10 @@ def test_global_batch_includes_accumulation_and_cadence_formula():
         ("num_slices=0", "num_slices=0: must be a positive integer"),
         ("num_slices=two", "num_slices=two: must be a positive integer"),
         ("async_checkpointing=yes", "async_checkpointing=yes: must be auto, true or false"),
+        ("wandb.enabled=yes", "wandb.enabled=yes: must be true or false"),
+        ("wandb.tags=ci", "wandb.tags=ci: must be a list"),
+        ("wandb.tags=[ci,'']", "wandb.tags: '' is not a tag"),
+        ("wandb.project=[a,b]", "wandb.project=.* must be a name"),
     ],
 )
 def test_validation_names_the_key(override, message):

@@ -382,6 +382,43 @@ def test_translation_errors_name_the_key(overrides, world, message):
         recipe.build_settings(cfg, world_size=world, data=fake_data())
 
 
+WANDB_FIELDS = ("wandb_project", "wandb_entity", "wandb_exp_name", "wandb_save_dir")
+
+
+def test_wandb_keys_map_onto_megatron_bridges_logger(monkeypatch, tmp_path):
+    """Megatron-Bridge 0.3.0's LoggerConfig starts W&B when wandb_project is set; the tags, which
+    it has no field for, travel as WANDB_TAGS."""
+    for name in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    off = recipe.build_settings(recipe.compose([]), world_size=1, data=fake_data())
+    assert {k: off["logger"][k] for k in WANDB_FIELDS} == dict.fromkeys(WANDB_FIELDS)
+    assert off["derived"]["wandb_env"] == {}
+    overrides = ["wandb.enabled=true", "wandb.tags=[ci,gpu]", "wandb.entity=team"]
+    overrides += ["exp_name=moe1", f"output_dir={tmp_path}"]
+    on = recipe.build_settings(recipe.compose(overrides), world_size=8, data=fake_data())
+    run_dir = str(tmp_path / "moe1")
+    assert {k: on["logger"][k] for k in WANDB_FIELDS} == {
+        "wandb_project": "mlperf-moe",
+        "wandb_entity": "team",
+        "wandb_exp_name": "moe1",
+        "wandb_save_dir": run_dir,
+    }
+    assert on["derived"]["wandb_env"] == {
+        "WANDB_CACHE_DIR": f"{run_dir}/wandb/cache",
+        "WANDB_TAGS": "ci,gpu",
+    }
+    json.loads(recipe.to_json(on))
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("WANDB_NAME", "named-by-env")
+    env = recipe.build_settings(recipe.compose(overrides), world_size=8, data=fake_data())
+    assert env["logger"]["wandb_project"] == "from-env"
+    assert env["logger"]["wandb_exp_name"] == "named-by-env"
+    with pytest.raises(config_lib.ConfigError, match="wandb.project=null: the NeMo path needs"):
+        recipe.build_settings(
+            recipe.compose([*overrides, "wandb.project=null"]), world_size=8, data=fake_data()
+        )
+
+
 def test_data_stats_checks_the_prepared_data(prepared):
     cfg = recipe.compose([f"nemo.data_dir={prepared}"])
     stats = recipe.data_stats(cfg)

@@ -192,6 +192,8 @@ def train(cfg, settings: dict) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(recipe.resolved_yaml(cfg))
         (run_dir / "nemo_settings.json").write_text(recipe.to_json(settings) + "\n")
+    for name, value in settings["derived"]["wandb_env"].items():
+        os.environ.setdefault(name, value)  # the job's own environment wins
     events = mlperf_events(cfg, settings, rank)
     try:
         pretrain(build_container(settings), forward_step, callbacks=[bridge_callback(events)])

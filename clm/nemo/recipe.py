@@ -393,6 +393,7 @@ def build_settings(cfg: DictConfig, *, world_size: int, data: dict) -> dict:
             "tensorboard_dir": str(Path(run_dir) / "tensorboard"),
             "log_timers_to_tensorboard": True,
             "log_throughput": True,
+            **wandb_settings(cfg)[0],
         },
         "rng": {"seed": int(cfg.seed)},
         "mixed_precision": MIXED_PRECISION[dtype],
@@ -409,8 +410,45 @@ def build_settings(cfg: DictConfig, *, world_size: int, data: dict) -> dict:
             "max_steps": int(cfg.max_steps),
             "megatron_bridge": MEGATRON_BRIDGE_VERSION,
             "nemo_container": NEMO_CONTAINER_TAG,
+            # variables the launcher sets (unless already set) for what LoggerConfig lacks
+            "wandb_env": wandb_settings(cfg)[1],
         },
     }
+
+
+def wandb_settings(cfg: DictConfig) -> tuple[dict, dict]:
+    """Our `wandb` keys as Megatron-Bridge 0.3.0's own W&B logger settings, and environment.
+
+    Its LoggerConfig turns W&B on when `wandb_project` is set and then starts it on the last
+    rank (`GlobalState.wandb_logger`) with `dir=wandb_save_dir`, `name=wandb_exp_name`, the
+    project and entity; everything else W&B reads from the environment, so the tags go there as
+    WANDB_TAGS, and WANDB_CACHE_DIR keeps wandb's own logs in the run directory, as `run_clm.py`
+    does. Off: the four fields are None, as in Megatron-Bridge's defaults. Megatron-Bridge logs
+    its own metrics (lm loss, throughput, timers) at its iteration numbers, not our metrics.jsonl
+    keys, and passes no run id: a restarted job is a new W&B run unless WANDB_RUN_ID and
+    WANDB_RESUME=allow are set in the job's environment.
+    """
+    from clm.wandb_log import enabled
+
+    if not enabled(cfg):
+        fields = ("wandb_project", "wandb_entity", "wandb_exp_name", "wandb_save_dir")
+        return dict.fromkeys(fields), {}
+    node = cfg.wandb
+    _check(
+        node.project is not None,
+        "wandb.project=null: the NeMo path needs a project (Megatron-Bridge turns W&B on by it)",
+    )
+    run_dir = str(cfg.run_dir)
+    env = {"WANDB_CACHE_DIR": str(Path(run_dir) / "wandb" / "cache")}
+    if node.tags:
+        env["WANDB_TAGS"] = ",".join(str(tag) for tag in node.tags)
+    return {
+        "wandb_project": str(node.project),
+        "wandb_entity": None if node.entity is None else str(node.entity),
+        # null leaves the name to W&B, as with run_clm.py
+        "wandb_exp_name": None if node.name is None else str(node.name),
+        "wandb_save_dir": run_dir,  # W&B writes <run_dir>/wandb/, as with run_clm.py
+    }, env
 
 
 def data_stats(cfg: DictConfig) -> dict:
