@@ -34,10 +34,22 @@ class ConfigError(ValueError):
     """A user error in the configuration; its message is one line naming the key."""
 
 
+# the model a run builds when neither model.config_path nor model.name_or_path is given
+EMBEDDED_MODEL = "mixtral_small.json"
+
+
 def register_resolvers() -> None:
     """Resolvers used by the YAML tree; safe to call more than once."""
-    OmegaConf.register_new_resolver("path_join", lambda *parts: os.path.join(*parts), replace=True)
+    OmegaConf.register_new_resolver(
+        "path_join", lambda *parts: os.path.join(*map(str, parts)), replace=True
+    )
     OmegaConf.register_new_resolver("clm_dir", lambda: str(CLM_DIR), replace=True)
+    # model.config_path's default: the embedded model, unless model.name_or_path names one to load
+    OmegaConf.register_new_resolver(
+        "embedded_model",
+        lambda name_or_path: EMBEDDED_MODEL if name_or_path is None else None,
+        replace=True,
+    )
 
 
 def resolve_config_file(path: str) -> Path:
@@ -243,6 +255,15 @@ def validate(cfg: DictConfig) -> None:
         cfg.model.config_path is not None or cfg.model.name_or_path is not None,
         "model.config_path and model.name_or_path are both null: set one",
     )
+    if cfg.model.config_path is None:
+        name = str(cfg.model.name_or_path)
+        _check(
+            pretrained_available(name),
+            f"model.name_or_path={name}: not a local model directory and not in the local HF "
+            "cache (nothing is downloaded); for the reference's GPT-2 dry run use "
+            "+experiment=dry_run_gpt2 (a tiny local GPT-2), else pass a local HF model directory "
+            "(config.json and *.safetensors) or set model.config_path",
+        )
     if cfg.model.config_path is not None:
         path = resolve_config_file(cfg.model.config_path)
         try:
@@ -276,6 +297,19 @@ def validate(cfg: DictConfig) -> None:
         f"num_slices={slices}: must be a positive integer (TPU slices; it must also divide the "
         "device count, checked when the devices are known)",
     )
+
+
+def pretrained_available(name_or_path: str) -> bool:
+    """A local model directory, or a model id whose config.json is in the local HF cache (what
+    clm.model loads with local_files_only)."""
+    if Path(name_or_path).is_dir():
+        return (Path(name_or_path) / "config.json").is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+    except ValueError:  # not a valid model id (e.g. a path that does not exist)
+        return False
 
 
 # key names ending like these hold secrets (hf_token, db_password, ...; not pad_token_id)
