@@ -5,12 +5,13 @@ With no overrides it trains the embedded default (a small Mixtral on the shipped
 `+experiment=gbs256_tpu` is the benchmark. Compose-only: add `--cfg job`.
 Exit code 0 when the run ends normally (target or max_steps); 2 with a one-line reason on
 stderr for a configuration or data error (a misspelt key or option included); 1 when training
-itself fails (e.g. a NaN loss); 143 after SIGTERM (the step finished and, with save_frequency >
-0, a checkpoint saved).
+itself fails (e.g. a NaN loss); 143 after SIGTERM and 130 after Ctrl-C (SIGINT): the step
+finished and, with save_frequency > 0, a checkpoint saved.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def _train(cfg: DictConfig) -> None:
     except (TrainingError, OutputWriteError) as e:
         _exit(f"error: {e}", 1)
     except Preempted as e:
-        _exit(f"stopped: {e}", 143)  # 128 + SIGTERM: schedulers see a signalled job and restart it
+        # 128 + the signal: schedulers see a signalled job (SIGTERM: 143) and restart it
+        _exit(f"stopped: {e}", 128 + e.signum)
 
 
 def _exit(line: str, code: int) -> None:
@@ -56,12 +58,21 @@ def main() -> None:
 
     args = get_args_parser().parse_args()  # Hydra's own parser: the same reading as below
     own_config = args.config_path or args.config_name or args.config_dir
-    if not (own_config or args.multirun or args.help or args.hydra_help or args.shell_completion):
-        try:
-            config_lib.compose(args.overrides)
-        except config_lib.ConfigError as e:
-            _exit(f"error: {e}", 2)
-    _train()
+    try:
+        if not (
+            own_config or args.multirun or args.help or args.hydra_help or args.shell_completion
+        ):
+            try:
+                config_lib.compose(args.overrides)
+            except config_lib.ConfigError as e:
+                _exit(f"error: {e}", 2)
+        _train()
+    except KeyboardInterrupt:  # in the training loop Ctrl-C stops after the step (Preempted)
+        _exit(
+            "stopped: SIGINT (Ctrl-C) outside the training loop; nothing was saved: rerun the "
+            "same command (it resumes from the latest checkpoint, if any)",
+            128 + signal.SIGINT,
+        )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,16 @@ def run_clm(tmp_path: Path, *overrides: str, cwd: Path = ROOT, timeout: int = 60
     )
 
 
+def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar as TensorBoard shows it: all of run_dir/tensorboard's event
+    files read by TensorBoard's own loader, which hides the events a resumed run purged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 def model_cfg(**overrides):
     """A `model` config node: clm/config/model/blank_model.yaml with `config_path` unset (no
     architecture unless the test names one) and `overrides` on top."""
