@@ -84,6 +84,7 @@ class Summary:
     final_eval_loss: float | None
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     resumed_at: int = 0  # the step a resumed run started from (0: not resumed)
+    final_eval_step: int | None = None  # the step final_eval_loss was measured at
 
     @property
     def tokens_per_sec(self) -> float:
@@ -340,18 +341,24 @@ class Trainer:
         def samples() -> int:
             return self.step * cfg.global_train_batch_size
 
-        def run_eval() -> bool:
-            self.mlperf.eval_start(samples())
+        def run_eval(benchmark: bool = True) -> bool:
+            """Evaluate now; True when that reaches the target. `benchmark=False` (the last
+            step, off the cadence): the loss goes to metrics and the summary but not to the
+            MLPerf log, and never counts as reaching the target."""
+            if benchmark:
+                self.mlperf.eval_start(samples())
             compiles = self.backend.compile_count()
             loss = self.evaluate()
             self._watch_compiles(f"the eval at step {self.step}", self.evals_done >= 1, compiles)
             self.evals_done += 1
-            self.mlperf.eval_stop(samples())
-            self.mlperf.eval_accuracy(loss, samples())
             self.eval_losses.append((self.step, loss))
             self.metrics.log(self.step, {"eval/loss": loss, "train/tokens_seen": self.tokens_seen})
             postfix["eval"] = f"{loss:.3f}"
             bar.set_postfix(postfix)
+            if not benchmark:
+                return False
+            self.mlperf.eval_stop(samples())
+            self.mlperf.eval_accuracy(loss, samples())
             return target > 0 and loss <= target
 
         # SIGTERM or Ctrl-C: finish the current step, save, and stop (checked between steps); a
@@ -407,12 +414,15 @@ class Trainer:
                     bar.set_postfix(postfix)
                     window_tokens, window_seconds = 0, 0.0
                 bar.update(1)
-                # evals only at the cadence: an off-cadence eval would not count for MLPerf
+                # MLPerf evals only at the cadence (an off-cadence eval would not count); the
+                # last step is evaluated too, for metrics and the summary only (docs/MLPERF.md)
                 if self.step % cfg.eval_frequency == 0:
                     self.mlperf.block_stop(samples())
                     reached = run_eval()
                     if not reached and self.step < cfg.max_steps:
                         self.mlperf.block_start(samples())
+                elif self.step == cfg.max_steps:
+                    run_eval(benchmark=False)
                 # the last step's checkpoint is the final save below: written once, not twice
                 last = reached or self.step >= cfg.max_steps
                 if cfg.save_frequency and self.step % cfg.save_frequency == 0 and not last:
@@ -452,6 +462,7 @@ class Trainer:
             final_eval_loss=self.eval_losses[-1][1] if self.eval_losses else None,
             eval_losses=list(self.eval_losses),
             resumed_at=resumed_at,
+            final_eval_step=self.eval_losses[-1][0] if self.eval_losses else None,
         )
 
     def _preempted_message(self, signum: int) -> str:
@@ -535,8 +546,15 @@ class Trainer:
 
 
 def describe(summary: Summary, cfg: DictConfig, run_dir: Path) -> str:
-    """The closing paragraph a person reads."""
-    loss = "no eval" if summary.final_eval_loss is None else f"{summary.final_eval_loss:.4f}"
+    """The closing paragraph a person reads; the eval loss names its step (a resumed run's may
+    come from before the resume), and whether it was an MLPerf eval (on the cadence)."""
+    loss = "no eval"
+    if summary.final_eval_loss is not None:
+        step = summary.final_eval_step
+        loss = f"{summary.final_eval_loss:.4f} (step {step}"
+        if step % cfg.eval_frequency:
+            loss += f", off the {cfg.eval_frequency}-step eval cadence: not an MLPerf eval"
+        loss += ")"
     outcome = (
         f"Target eval loss {cfg.target_eval_loss} reached"
         if summary.status == "target reached"

@@ -193,6 +193,29 @@ def test_reference_gpt2_line_trains_gpt2_from_the_cache_or_says_what_to_do(tmp_p
     assert not any(k.startswith("moe/") for r in records for k in r)  # no experts: not Mixtral
 
 
+def test_the_last_step_is_evaluated_off_the_cadence_but_not_for_mlperf(tmp_path):
+    """max_steps=5 with evals every 2 steps: evals at 2 and 4 (MLPerf's), and at 5 for
+    metrics.jsonl and the summary only; the summary names the step of its eval loss."""
+    proc = run_clm(tmp_path, *FAST, "max_steps=5", "eval_frequency=2")
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "embedded_default"
+    evals = {r["step"]: r["eval/loss"] for r in read_metrics(run_dir) if "eval/loss" in r}
+    assert list(evals) == [2, 4, 5]
+    assert (
+        f"final eval loss {evals[5]:.4f} (step 5, off the 2-step eval cadence: not an MLPerf "
+        "eval)." in proc.stdout
+    )
+    lines = (run_dir / "mlperf_compliance.log").read_text().splitlines()
+    accuracy = [json.loads(x.split(" ", 1)[1]) for x in lines if '"key": "eval_accuracy"' in x]
+    assert [(e["value"], e["metadata"]["samples_count"]) for e in accuracy] == [
+        (evals[2], 2 * 8),
+        (evals[4], 4 * 8),
+    ]
+    assert sum('"key": "eval_start"' in x for x in lines) == 2
+    stop = json.loads(next(x for x in lines if '"key": "run_stop"' in x).split(" ", 1)[1])
+    assert stop["metadata"]["status"] == "aborted"  # max_steps; the target is 0 here anyway
+
+
 def failed_checks(output: str) -> set[str]:
     return set(re.findall(r"CHECK for '(\w+)' failed", output))
 
