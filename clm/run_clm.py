@@ -52,8 +52,9 @@ def _exit(line: str, code: int) -> None:
 
 
 def main() -> None:
-    """Check the overrides as a run composes them (one line and exit 2 on any error), then hand
-    the command line to Hydra, which composes it again and calls `_train`."""
+    """Check the overrides as a run composes and validates them (one line and exit 2 on any
+    error, in a second rather than after importing torch), then hand the command line to Hydra,
+    which composes it again and calls `_train`."""
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args()  # Hydra's own parser: the same reading as below
@@ -63,8 +64,10 @@ def main() -> None:
             own_config or args.multirun or args.help or args.hydra_help or args.shell_completion
         ):
             try:
-                config_lib.compose(args.overrides)
-            except config_lib.ConfigError as e:
+                cfg = config_lib.compose(args.overrides)
+                if not args.cfg:  # a run: its device-free checks too, before torch is imported
+                    config_lib.validate(cfg)
+            except USER_ERRORS as e:
                 _exit(f"error: {e}", 2)
         _train()
     except KeyboardInterrupt:  # in the training loop Ctrl-C stops after the step (Preempted)
