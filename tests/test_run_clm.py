@@ -85,32 +85,6 @@ def official_common_rules(tmp_path):
     return target
 
 
-def test_gpt2_dry_run_preset_with_accumulation_from_inside_clm(tmp_path):
-    """The reference's GPT-2 dry run (tiny local GPT-2), invoked as `python run_clm.py`."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run_clm.py",
-            "+experiment=dry_run_gpt2",
-            f"output_dir={tmp_path / 'runs'}",
-            "max_length=128",
-            "progress_bar=false",
-        ],
-        cwd=CLM,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**__import__("conftest").clean_env(tmp_path)},
-    )
-    assert proc.returncode == 0, proc.stderr
-    records = read_metrics(tmp_path / "runs" / "dry_run_gpt2")
-    train = [r for r in records if "train/loss" in r]
-    assert len(train) == 30 and train[-1]["train/tokens_seen"] == 30 * 8 * 128
-    assert [r["step"] for r in records if "eval/loss" in r] == list(range(3, 31, 3))
-    assert all(r["train/lr"] == 2e-3 for r in train)  # sched.warmup_ratio=0.
-    assert train[-1]["train/loss"] < train[0]["train/loss"]
-
-
 def test_bad_input_fails_in_one_line_and_keeps_previous_run(tmp_path):
     first = run_clm(tmp_path, *FAST, "max_steps=2", "eval_frequency=2")
     assert first.returncode == 0, first.stderr
