@@ -106,7 +106,7 @@ def _what_fits(cfg: DictConfig, shape, backend, usable: float) -> str:
                     return f"these overrides would fit: {overrides} ({peak / GIB:.1f} GiB)"
                 last = f"{overrides} needs {peak / GIB:.1f} GiB"
     return (
-        f"nothing smaller fits here (even {last}): use a smaller model, e.g. "
+        f"nothing smaller fits here{f' (even {last})' if last else ''}: use a smaller model, e.g. "
         "model.config_path=mixtral_small.json, or more memory (python -m clm.plan sizes slices)"
     )
 
