@@ -17,6 +17,10 @@ RUN_CLM = CLM / "run_clm.py"
 def clean_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["HF_HOME"] = str(tmp_path / "hf_home")  # datasets/transformers write lock files there
+    # the temporary files of the processes a test starts (torchrun's torchelastic_* directories,
+    # torch's) go with the test's tmp_path, which pytest removes when the test passes
+    (tmp_path / "tmp").mkdir(parents=True, exist_ok=True)
+    env["TMPDIR"] = str(tmp_path / "tmp")
     env["HF_HUB_OFFLINE"] = "1"
     env.pop("WORLD_SIZE", None)
     env.pop("PJRT_DEVICE", None)
