@@ -21,10 +21,11 @@ import torch
 from omegaconf import OmegaConf
 
 from clm import checkpoint
-from clm.config import CLM_DIR
+from clm.config import CLM_DIR, register_resolvers
 from clm.model import build_model
 
 # the embedded default's model: the `model` group's default, as the trainer composes it
+register_resolvers()  # its config_path is ${embedded_model:...}
 MODEL = OmegaConf.load(CLM_DIR / "config" / "model" / "blank_model.yaml")
 
 

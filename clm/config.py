@@ -34,10 +34,22 @@ class ConfigError(ValueError):
     """A user error in the configuration; its message is one line naming the key."""
 
 
+# the model a run builds when neither model.config_path nor model.name_or_path is given
+EMBEDDED_MODEL = "mixtral_small.json"
+
+
 def register_resolvers() -> None:
     """Resolvers used by the YAML tree; safe to call more than once."""
-    OmegaConf.register_new_resolver("path_join", lambda *parts: os.path.join(*parts), replace=True)
+    OmegaConf.register_new_resolver(
+        "path_join", lambda *parts: os.path.join(*map(str, parts)), replace=True
+    )
     OmegaConf.register_new_resolver("clm_dir", lambda: str(CLM_DIR), replace=True)
+    # model.config_path's default: the embedded model, unless model.name_or_path names one to load
+    OmegaConf.register_new_resolver(
+        "embedded_model",
+        lambda name_or_path: EMBEDDED_MODEL if name_or_path is None else None,
+        replace=True,
+    )
 
 
 def resolve_config_file(path: str) -> Path:
@@ -58,8 +70,127 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# The type of every numeric and boolean key (`?`: null allowed). The YAML tree is untyped, so
+# Hydra takes `max_length=abc` as a string; check_types names the key before any int() reads it.
+# Keys of groups that a config may lack (sched's, nemo's) are checked when present.
+KEY_TYPES = {
+    **dict.fromkeys(
+        (
+            "seed",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "max_length",
+            "pad_token_id",
+            "max_steps",
+            "eval_frequency",
+            "log_frequency",
+            "tensor_parallelism",
+            "expert_parallelism",
+            "num_slices",
+            "context_parallelism",
+            "pipeline_parallelism",
+            "virtual_pipeline_parallelism",
+            "save_frequency",
+            "keep_last_n",
+            "xla_profile_step",
+            "dataset.shuffle_buffer_size",
+            "sched.max_steps",
+            "sched.hold_steps",
+            "sched.constant_steps",
+            "nemo.num_workers",
+            "nemo.expert_tensor_parallelism",
+        ),
+        "int",
+    ),
+    **dict.fromkeys(
+        (
+            "global_train_batch_size",
+            "global_eval_batch_size",
+            "n_eval_examples",
+            "sched.warmup_steps",
+        ),
+        "int?",
+    ),
+    **dict.fromkeys(
+        (
+            "lr",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "target_eval_loss",
+            "model.capacity_factor",
+            "sched.min_lr",
+        ),
+        "number",
+    ),
+    **dict.fromkeys(
+        (
+            "max_grad_norm",
+            "peak_tflops_per_device",
+            "model.router_aux_loss_coef",
+            "sched.warmup_ratio",
+            "sched.hold_ratio",
+            "sched.constant_ratio",
+        ),
+        "number?",
+    ),
+    **dict.fromkeys(
+        (
+            "overwrite_output_dir",
+            "do_first_eval",
+            "shuffle",
+            "auto_resume",
+            "full_precision",
+            "progress_bar",
+            "check_memory",
+            "xla_scan_layers",
+            "wandb.enabled",
+            "model.gradient_checkpointing",
+            "dataset.streaming",
+            "dataset.skip_bad_records",
+            "nemo.grouped_gemm",
+        ),
+        "bool",
+    ),
+    "nemo.sequence_parallel": "bool?",
+}
+_KIND_WORDS = {"int": "an integer", "number": "a number", "bool": "true or false"}
+_ABSENT = object()
+
+
+def _has_kind(value, kind: str) -> bool:
+    if value is None:
+        return kind.endswith("?")
+    kind = kind.rstrip("?")
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # True is an int to Python, not to a user
+        return False
+    return isinstance(value, int) or (kind == "number" and isinstance(value, float))
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Every key of KEY_TYPES holds its type: ConfigError naming the key and the value."""
+    for key, kind in KEY_TYPES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not _has_kind(value, kind):
+            word = _KIND_WORDS[kind.rstrip("?")] + (" or null" if kind.endswith("?") else "")
+            shown = str(value).lower() if isinstance(value, bool) else value  # as typed
+            raise ConfigError(f"{key}={shown}: must be {word}")
+    shards = OmegaConf.select(cfg, "dataset.train_shards", default=_ABSENT)
+    if shards is not _ABSENT and not (
+        OmegaConf.is_list(shards) and len(shards) == 2 and all(_has_kind(v, "int") for v in shards)
+    ):
+        raise ConfigError(
+            f"dataset.train_shards={shards}: must be two integers [first, last] (a half-open range)"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that need no device and no data. Raises ConfigError naming the key."""
+    check_types(cfg)
     _check(cfg.backend in BACKENDS, f"backend={cfg.backend}: must be one of {', '.join(BACKENDS)}")
     _check(
         cfg.optimizer in OPTIMIZERS,
@@ -128,6 +259,15 @@ def validate(cfg: DictConfig) -> None:
         cfg.model.config_path is not None or cfg.model.name_or_path is not None,
         "model.config_path and model.name_or_path are both null: set one",
     )
+    if cfg.model.config_path is None:
+        name = str(cfg.model.name_or_path)
+        _check(
+            pretrained_available(name),
+            f"model.name_or_path={name}: not a local model directory and not in the local HF "
+            "cache (nothing is downloaded); for the reference's GPT-2 dry run use "
+            "+experiment=dry_run_gpt2 (a tiny local GPT-2), else pass a local HF model directory "
+            "(config.json and *.safetensors) or set model.config_path",
+        )
     if cfg.model.config_path is not None:
         path = resolve_config_file(cfg.model.config_path)
         try:
@@ -191,6 +331,19 @@ def _validate_wandb(node) -> None:
             and 1 <= len(str(tag)) <= 64,
             f"wandb.tags: {tag!r} is not a tag (text of 1 to 64 characters)",
         )
+
+
+def pretrained_available(name_or_path: str) -> bool:
+    """A local model directory, or a model id whose config.json is in the local HF cache (what
+    clm.model loads with local_files_only)."""
+    if Path(name_or_path).is_dir():
+        return (Path(name_or_path) / "config.json").is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+    except ValueError:  # not a valid model id (e.g. a path that does not exist)
+        return False
 
 
 # key names ending like these hold secrets (hf_token, db_password, ...; not pad_token_id)
@@ -266,3 +419,127 @@ def finalize(cfg: DictConfig, data_parallel_size: int) -> None:
         cfg.global_eval_batch_size = evaluation
         if cfg.eval_frequency == -1:
             cfg.eval_frequency = eval_cadence(cfg.max_length, train)
+
+
+# --------------------------------------------------------------------------- composition
+
+CONFIG_DIR = CLM_DIR / "config"
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config `run_clm.py` runs with: clm/config composed with Hydra `overrides`.
+
+    Hydra's own errors are several lines and, for a misspelt key, suggest `+key=value`, which
+    adds a key nothing reads. Here each is one ConfigError line naming the override: a malformed
+    override, an unknown key (with the closest real key), an unknown group option (with the
+    options), and a `+key` that adds a key resembling a real one (`+maxlength=128`). A value of
+    the wrong type (`max_length=abc`) is one line too (check_types).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    register_resolvers()
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            parsed += parser.parse_overrides([text])
+        except OverrideParseException as e:
+            raise ConfigError(f"{text}: not a valid override ({_first_line(e)})") from None
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+
+    def is_group(override) -> bool:
+        return override.key_or_group.lstrip("/").split("@")[0] in groups
+
+    try:
+        cfg = _hydra_compose(list(overrides))
+    except MissingConfigException as e:
+        raise ConfigError(_missing_option(e, parsed, is_group)) from None
+    except Exception as e:  # noqa: BLE001 - Hydra and OmegaConf raise many kinds
+        if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+            raise
+        raise ConfigError(_composition_error(e, parsed, is_group)) from None
+    added = [o for o in parsed if (o.is_add() or o.is_force_add()) and not is_group(o)]
+    if added:
+        known = _keys(_hydra_compose([o.input_line for o in parsed if is_group(o)]))
+        for o in added:
+            close = _closest(o.key_or_group, known, cutoff=0.8)
+            if o.key_or_group not in known and close:
+                raise ConfigError(
+                    f"{o.input_line}: adds a key that nothing reads; did you mean "
+                    f"{close}={_value_text(o)}?"
+                )
+    check_types(cfg)
+    return cfg
+
+
+def _hydra_compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        return hydra_compose("config", overrides=overrides)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _value_text(override) -> str:
+    try:
+        return override.get_value_element_as_str()
+    except Exception:  # noqa: BLE001 - a sweep has no single value
+        return "..."
+
+
+def _keys(cfg: DictConfig, prefix: str = "") -> set[str]:
+    """Every key of `cfg` as a dotted path, nodes included."""
+    keys = set()
+    for key in cfg:
+        path = f"{prefix}{key}"
+        keys.add(path)
+        node = cfg._get_node(key)
+        if OmegaConf.is_dict(node):
+            keys |= _keys(node, path + ".")
+    return keys
+
+
+def _closest(word: str, candidates, cutoff: float = 0.6) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=cutoff)
+    return match[0] if match else None
+
+
+def _missing_option(error, parsed, is_group) -> str:
+    """An unknown group option (`+experiment=gbs256_tpuu`): the options, and the closest."""
+    group, _, name = str(error.missing_cfg_file or "").rpartition("/")
+    options = list(error.options or [])
+    named = [o for o in parsed if is_group(o) and o.key_or_group.lstrip("/").split("@")[0] == group]
+    if not named or not options:  # not from the command line: a preset names a missing file
+        return f"{error.missing_cfg_file}: config not found ({_first_line(error)})"
+    starting = [o for o in options if o.lower().startswith(name.lower())]
+    close = starting[0] if len(starting) == 1 else _closest(name, options)
+    hint = f"; did you mean {close}?" if close else ""
+    return (
+        f"{named[-1].input_line}: {group} has no option {name!r}; the options are "
+        f"{', '.join(options)}{hint}"
+    )
+
+
+def _composition_error(error, parsed, is_group) -> str:
+    message = str(error)
+    override = next((o for o in parsed if f"'{o.key_or_group}'" in message), None)
+    if override is None:
+        return _first_line(error)
+    text, key = override.input_line, override.key_or_group
+    if "No match in the defaults list" in message:
+        return f"{text}: {key} is a preset group, not in the defaults: select it with +{text}"
+    if message.startswith("Could not override"):
+        known = _keys(_hydra_compose([o.input_line for o in parsed if is_group(o)]))
+        close = _closest(key, known)
+        if close:
+            return f"{text}: no such key; did you mean {close}={_value_text(override)}?"
+        return f"{text}: no such key (clm/config/config.yaml documents every key)"
+    return f"{text}: {_first_line(error)}"

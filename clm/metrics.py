@@ -56,7 +56,9 @@ def training_flops_per_token(model: torch.nn.Module, active_params: int, seq_len
 class MetricsWriter:
     """Appends metrics to metrics.jsonl and TensorBoard; only the main process writes."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, purge_step: int | None = None):
+        """`purge_step`: a resumed run's first step; TensorBoard then hides the events the
+        interrupted run wrote from that step on (its SummaryWriter purge_step)."""
         self.enabled = enabled
         self._file = None
         self._tb = None
@@ -66,7 +68,7 @@ class MetricsWriter:
             self._file = open(self.path, "a", encoding="utf-8")
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, open_dict
 
 from clm import config as config_lib
 from clm import model_math
-from clm.config import CLM_DIR, ConfigError
+from clm.config import ConfigError
 from clm.model_math import capacity
 from clm.sharding import MESH_AXES, axes_of, mesh_shape, partition_spec
 
@@ -461,13 +461,8 @@ def split_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The run's config, composed from clm/config as run_clm's @hydra.main does."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    config_lib.register_resolvers()
-    with initialize_config_dir(str(CLM_DIR / "config"), version_base=None):
-        return hydra_compose("config", overrides=overrides)
+    """The run's config, composed from clm/config as run_clm.py does (with its one-line errors)."""
+    return config_lib.compose(overrides)
 
 
 def _number(planner: dict[str, str], key: str, default: float, ok, rule: str) -> float:

@@ -1,10 +1,10 @@
 """The training lifecycle: build everything in a fixed order, then train until a stop rule.
 
 Order (each step may fail with a one-line error before the next costs anything):
-  validate config -> backend (devices) -> derived sizes -> run directory -> tokenizer ->
-  eval set and train stream (data errors surface here) -> model (meta -> device -> init) ->
-  optimizer and schedule -> restore -> W&B (main process, optional; never fails the run) ->
-  loop.
+  validate config -> backend (devices) -> derived sizes -> memory estimate (clm.memory) ->
+  run directory -> tokenizer -> eval set and train stream (data errors surface here) ->
+  model (meta -> device -> init) -> optimizer and schedule -> restore -> W&B (main process,
+  optional; never fails the run) -> loop.
 
 The loop: accumulate `gradient_accumulation_steps` micro-batches into one optimizer step,
 normalizing by the token count of the whole global batch so the step's loss is the exact
@@ -40,7 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clm import checkpoint, optim, wandb_log
+from clm import checkpoint, memory, optim, wandb_log
 from clm import config as config_lib
 from clm import data as data_lib
 from clm import model as model_lib
@@ -64,7 +64,16 @@ class TrainingError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM (a preemption on GKE or Slurm) stopped the run after a step."""
+    """SIGTERM (a preemption on GKE or Slurm) or SIGINT (Ctrl-C) stopped the run after a step;
+    `signum` is the signal (run_clm exits with 128 + it)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+# the signals that stop a run after the current step, with a checkpoint when saving is on
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass
@@ -77,20 +86,23 @@ class Summary:
     final_eval_loss: float | None
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     resumed_at: int = 0  # the step a resumed run started from (0: not resumed)
+    final_eval_step: int | None = None  # the step final_eval_loss was measured at
 
     @property
     def tokens_per_sec(self) -> float:
         return self.tokens / max(self.train_seconds, 1e-9)
 
 
-def prepare_run_dir(cfg: DictConfig, backend: Backend) -> tuple[Path, Path | None]:
-    """Create the run directory; returns it and the checkpoint to resume from, if any.
+def prepare_run_dir(cfg: DictConfig, backend: Backend) -> tuple[Path, Path | None, int]:
+    """Create the run directory; returns it, the checkpoint to resume from (if any) and its step.
 
     An unfinished run with a committed checkpoint in `save_dir` is resumed (`auto_resume`): its
     metrics after that checkpoint are dropped (the resumed run writes them again, identically),
-    its MLPerf log is kept aside and its `wandb/` kept (clm.wandb_log reads what W&B holds). Otherwise a directory that already holds a run (or a
-    finished run's checkpoints) is refused unless `overwrite_output_dir=true`, which deletes that
-    run's logs and checkpoints first.
+    its MLPerf log is kept aside and its `wandb/` kept (clm.wandb_log reads what W&B holds).
+    Otherwise a directory that already holds a run (a metrics record, or a finished run's
+    checkpoints) is refused unless `overwrite_output_dir=true`, which deletes that run's logs
+    and checkpoints first. A run stopped before it logged a step (an empty metrics.jsonl, no
+    checkpoint) holds nothing to keep: its files are replaced.
 
     With several processes every one decides from the same files, then (after a barrier) only
     the main one changes them, and the others wait for it.
@@ -100,21 +112,30 @@ def prepare_run_dir(cfg: DictConfig, backend: Backend) -> tuple[Path, Path | Non
     last = checkpoint.latest(save_dir) if cfg.auto_resume else None
     state = checkpoint.read_trainer_state(last) if last is not None else {}
     resume = last is not None and not state.get("finished", False)
-    clear = not resume and ((run_dir / "metrics.jsonl").exists() or last is not None)
+    metrics = run_dir / "metrics.jsonl"
+    logged = metrics.exists() and any(line.strip() for line in metrics.open(encoding="utf-8"))
+    clear = not resume and (logged or last is not None)
+    empty = not resume and not clear and metrics.exists()  # stopped before its first record
     if clear and not cfg.overwrite_output_dir:
         raise config_lib.ConfigError(
             f"run_dir={run_dir} already holds a run (metrics.jsonl); choose another "
             "exp_name or pass overwrite_output_dir=true"
         )
     backend.barrier()  # every process has looked before the main one changes anything
+    step = int(state.get("step", 0)) if resume else 0
     if backend.is_main:
-        _apply_run_dir_decision(run_dir, save_dir, int(state.get("step", 0)), resume, clear)
+        _apply_run_dir_decision(run_dir, save_dir, step, resume, clear, empty)
     backend.barrier()
-    return run_dir, last if resume else None
+    return run_dir, last if resume else None, step
 
 
 def _apply_run_dir_decision(
-    run_dir: Path, save_dir: checkpoint.Location, step: int, resume: bool, clear: bool
+    run_dir: Path,
+    save_dir: checkpoint.Location,
+    step: int,
+    resume: bool,
+    clear: bool,
+    empty: bool = False,
 ) -> None:
     """prepare_run_dir's changes to the files (the main process only)."""
     if resume:
@@ -123,13 +144,14 @@ def _apply_run_dir_decision(
         if log.exists():
             os.replace(log, log.with_name(f"{log.name}.before-resume-at-step-{step}"))
         return
-    if clear:
+    if clear or empty:
         for name in RUN_DIR_OUTPUTS:
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+    if clear:
         checkpoint.remove_tree(save_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -329,25 +351,36 @@ class Trainer:
         def samples() -> int:
             return self.step * cfg.global_train_batch_size
 
-        def run_eval() -> bool:
-            self.mlperf.eval_start(samples())
+        def run_eval(benchmark: bool = True) -> bool:
+            """Evaluate now; True when that reaches the target. `benchmark=False` (the last
+            step, off the cadence): the loss goes to metrics and the summary but not to the
+            MLPerf log, and never counts as reaching the target."""
+            if benchmark:
+                self.mlperf.eval_start(samples())
             compiles = self.backend.compile_count()
             loss = self.evaluate()
             self._watch_compiles(f"the eval at step {self.step}", self.evals_done >= 1, compiles)
             self.evals_done += 1
-            self.mlperf.eval_stop(samples())
-            self.mlperf.eval_accuracy(loss, samples())
             self.eval_losses.append((self.step, loss))
             self.metrics.log(self.step, {"eval/loss": loss, "train/tokens_seen": self.tokens_seen})
             postfix["eval"] = f"{loss:.3f}"
             bar.set_postfix(postfix)
+            if not benchmark:
+                return False
+            self.mlperf.eval_stop(samples())
+            self.mlperf.eval_accuracy(loss, samples())
             return target > 0 and loss <= target
 
-        # SIGTERM: finish the current step, save, and stop (checked between steps)
+        # SIGTERM or Ctrl-C: finish the current step, save, and stop (checked between steps); a
+        # second Ctrl-C stops at once (KeyboardInterrupt), without saving
         stop_signal: list[int] = []
-        previous_handler = signal.signal(
-            signal.SIGTERM, lambda signum, _: stop_signal.append(signum)
-        )
+
+        def on_signal(signum, _frame) -> None:
+            if signum == signal.SIGINT and signal.SIGINT in stop_signal:
+                raise KeyboardInterrupt
+            stop_signal.append(signum)
+
+        previous_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
         self.backend.barrier()
         self.mlperf.run_start()
         failing = True  # until the loop and the final save are done
@@ -391,32 +424,43 @@ class Trainer:
                     bar.set_postfix(postfix)
                     window_tokens, window_seconds = 0, 0.0
                 bar.update(1)
-                # evals only at the cadence: an off-cadence eval would not count for MLPerf
+                # MLPerf evals only at the cadence (an off-cadence eval would not count); the
+                # last step is evaluated too, for metrics and the summary only (docs/MLPERF.md)
                 if self.step % cfg.eval_frequency == 0:
                     self.mlperf.block_stop(samples())
                     reached = run_eval()
                     if not reached and self.step < cfg.max_steps:
                         self.mlperf.block_start(samples())
+                elif self.step == cfg.max_steps:
+                    run_eval(benchmark=False)
                 # the last step's checkpoint is the final save below: written once, not twice
                 last = reached or self.step >= cfg.max_steps
                 if cfg.save_frequency and self.step % cfg.save_frequency == 0 and not last:
                     self.save_checkpoint(finished=False)
                 # a signal may reach the processes between different steps: stop all together
                 if self.backend.any_process(bool(stop_signal)) and not reached:
-                    raise Preempted(self._preempted_message())
+                    signum = stop_signal[0] if stop_signal else signal.SIGTERM  # another rank's
+                    raise Preempted(self._preempted_message(signum), signum)
             if cfg.save_frequency:  # committed before the run ends, also when async
                 self.save_checkpoint(finished=True, wait=True)
             failing = False
             if reached:
                 self.backend.barrier()
                 self.mlperf.run_stop("success", samples())
+        except KeyboardInterrupt:  # the second Ctrl-C
+            raise Preempted(
+                f"SIGINT twice: stopped at once after step {self.step}, without saving; rerun "
+                "the same command to resume from the latest checkpoint",
+                signal.SIGINT,
+            ) from None
         finally:
             if self.saver is not None:  # an error on its way out: a save in flight ends first
                 self.saver.finish(failing)
-            signal.signal(signal.SIGTERM, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             # max_steps without the target, or any exception: the run is aborted
             self.mlperf.run_stop("aborted", samples())
-        bar.close()
+            bar.close()
         if reached:
             status = "target reached"
         return Summary(
@@ -428,18 +472,18 @@ class Trainer:
             final_eval_loss=self.eval_losses[-1][1] if self.eval_losses else None,
             eval_losses=list(self.eval_losses),
             resumed_at=resumed_at,
+            final_eval_step=self.eval_losses[-1][0] if self.eval_losses else None,
         )
 
-    def _preempted_message(self) -> str:
+    def _preempted_message(self, signum: int) -> str:
+        name = signal.Signals(signum).name
         if not self.cfg.save_frequency:
-            return (
-                f"SIGTERM: stopped after step {self.step} without a checkpoint (save_frequency=0)"
-            )
+            return f"{name}: stopped after step {self.step} without a checkpoint (save_frequency=0)"
         if self.saved_step == self.step:  # this step's periodic save: only wait for its commit
             saved = self.saver.wait() if self.saver is not None else self.saved_at
         else:
             saved = self.save_checkpoint(finished=False, wait=True)
-        return f"SIGTERM: stopped after step {self.step}; saved {saved}; rerun the same command to resume"
+        return f"{name}: stopped after step {self.step}; saved {saved}; rerun the same command to resume"
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self, finished: bool) -> dict:
@@ -514,8 +558,15 @@ class Trainer:
 
 
 def describe(summary: Summary, cfg: DictConfig, run_dir: Path) -> str:
-    """The closing paragraph a person reads."""
-    loss = "no eval" if summary.final_eval_loss is None else f"{summary.final_eval_loss:.4f}"
+    """The closing paragraph a person reads; the eval loss names its step (a resumed run's may
+    come from before the resume), and whether it was an MLPerf eval (on the cadence)."""
+    loss = "no eval"
+    if summary.final_eval_loss is not None:
+        step = summary.final_eval_step
+        loss = f"{summary.final_eval_loss:.4f} (step {step}"
+        if step % cfg.eval_frequency:
+            loss += f", off the {cfg.eval_frequency}-step eval cadence: not an MLPerf eval"
+        loss += ")"
     outcome = (
         f"Target eval loss {cfg.target_eval_loss} reached"
         if summary.status == "target reached"
@@ -564,7 +615,8 @@ def run(cfg: DictConfig) -> Summary:
     config_lib.validate(cfg)
     backend = select_backend(cfg)
     config_lib.finalize(cfg, backend.data_parallel_size)
-    run_dir, resume_from = prepare_run_dir(cfg, backend)
+    memory.check(cfg, backend)  # before anything is written or built
+    run_dir, resume_from, resume_step = prepare_run_dir(cfg, backend)
     if backend.is_main:
         OmegaConf.save(OmegaConf.create(config_lib.redacted(cfg)), run_dir / "config.yaml")
     mlperf = MLPerfLogger(cfg, compliance_path(run_dir), enabled=backend.is_main)
@@ -599,7 +651,10 @@ def run(cfg: DictConfig) -> Summary:
         model, cfg, backend.device, backend.optimizer_class(cfg.optimizer)
     )
     scheduler = optim.build_scheduler(optimizer, cfg.sched, float(cfg.lr))
-    metrics = MetricsWriter(run_dir, enabled=backend.is_main)
+    # a resumed run hides TensorBoard's events after its checkpoint (metrics.jsonl's were
+    # dropped by prepare_run_dir): each step is written again, once
+    purge = resume_step + 1 if resume_from is not None else None
+    metrics = MetricsWriter(run_dir, enabled=backend.is_main, purge_step=purge)
     total, active = model_lib.count_parameters(model)
     if backend.is_main:
         print(

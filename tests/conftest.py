@@ -21,6 +21,10 @@ RUN_CLM = CLM / "run_clm.py"
 def clean_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["HF_HOME"] = str(tmp_path / "hf_home")  # datasets/transformers write lock files there
+    # the temporary files of the processes a test starts (torchrun's torchelastic_* directories,
+    # torch's) go with the test's tmp_path, which pytest removes when the test passes
+    (tmp_path / "tmp").mkdir(parents=True, exist_ok=True)
+    env["TMPDIR"] = str(tmp_path / "tmp")
     env["HF_HUB_OFFLINE"] = "1"
     env.pop("WORLD_SIZE", None)
     env.pop("PJRT_DEVICE", None)
@@ -53,6 +57,16 @@ def run_clm(tmp_path: Path, *overrides: str, cwd: Path = ROOT, timeout: int = 60
         text=True,
         timeout=timeout,
     )
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar as TensorBoard shows it: all of run_dir/tensorboard's event
+    files read by TensorBoard's own loader, which hides the events a resumed run purged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def model_cfg(**overrides):

@@ -15,7 +15,7 @@ import time
 import fsspec
 import pytest
 import torch
-from conftest import RUN_CLM, clean_env
+from conftest import RUN_CLM, clean_env, tensorboard_scalars
 
 from clm import checkpoint
 from clm.config import CLM_DIR
@@ -178,6 +178,11 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
         want = [(r["step"], r[key]) for r in expected if key in r]
         got = [(r["step"], r[key]) for r in resumed if key in r]
         assert got == want, key  # bitwise: same floats, same steps, each step once
+    # TensorBoard too: the killed run's steps after the checkpoint are hidden, not doubled
+    for key in ("train/loss", "eval/loss"):
+        got = tensorboard_scalars(run_dir, key)
+        assert got == tensorboard_scalars(straight / "embedded_default", key), key
+        assert [s for s, _ in got] == [r["step"] for r in expected if key in r], key
     # the resumed segment's MLPerf log is whole: one run_start, one run_stop
     log = (run_dir / "mlperf_compliance.log").read_text()
     assert log.count('"key": "run_start"') == 1 and log.count('"key": "run_stop"') == 1

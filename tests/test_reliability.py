@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,109 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     assert f"(step {step})" in again.stdout
     steps = [r["step"] for r in read_metrics(tmp_path / "embedded_default") if "train/loss" in r]
     assert steps == list(range(1, step + 3))
+
+
+def test_ctrl_c_or_a_kill_before_the_first_step_leaves_a_directory_the_same_command_accepts(
+    tmp_path,
+):
+    """Ctrl-C while the run starts up: one line, exit 130. Killed before its first step (the
+    mixtral80 dry run killed for memory did that): an empty metrics.jsonl and no checkpoint,
+    which the same command then replaces instead of refusing as "already holds a run"."""
+    args = [sys.executable, str(RUN_CLM), f"output_dir={tmp_path}", "max_steps=1"]
+    args += ["n_eval_examples=5", "progress_bar=false"]
+    env = clean_env(tmp_path)
+    run_dir = tmp_path / "embedded_default"
+
+    def start_and_signal_when(path, signum):
+        proc = subprocess.Popen(
+            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline and not path.exists() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signum)
+        return proc, *proc.communicate(timeout=300)
+
+    # run_start's MLPerf log exists from the run directory's preparation on: before the model
+    proc, _, stderr = start_and_signal_when(run_dir / "mlperf_compliance.log", signal.SIGINT)
+    assert proc.returncode == 130
+    assert stderr.splitlines() == [
+        "stopped: SIGINT (Ctrl-C) outside the training loop; nothing was saved: rerun the same "
+        "command (it resumes from the latest checkpoint, if any)"
+    ]
+    metrics = run_dir / "metrics.jsonl"
+    proc, _, _ = start_and_signal_when(metrics, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert metrics.read_text() == "" and not (run_dir / "checkpoints").exists()
+
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1]
+    log = (run_dir / "mlperf_compliance.log").read_text()
+    assert log.count('"key": "init_start"') == 1  # the killed run's leftovers were replaced
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_written(tmp_path):
+    """4096 sequences of 4096 tokens per step on the embedded model: clm.plan's estimate far
+    exceeds any host's memory, so the run stops before building anything, naming the estimate,
+    the free memory and the smaller micro-batch (same global batch) that would fit."""
+    big = ["per_device_train_batch_size=4096", "max_length=4096", "max_steps=1"]
+    proc = run_clm(tmp_path, *big)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = proc.stderr.splitlines()
+    match = re.fullmatch(
+        r"error: memory: this run needs about ([\d.]+) GiB per device by clm\.plan's estimate "
+        r"\(parameters, gradients and AdamW state [\d.]+ GiB in float32\) but cpu \(.*\) has "
+        r"([\d.]+) GiB free \(([\d.]+) GiB usable\); these overrides would fit: "
+        r"per_device_train_batch_size=(\d+) gradient_accumulation_steps=(\d+) \(([\d.]+) GiB\); "
+        r"check_memory=false starts anyway",
+        line,
+    )
+    assert match, line
+    need, free, usable, rows, accumulation, fits = map(float, match.groups())
+    assert need > free > usable >= fits and rows * accumulation == 4096
+    assert not (tmp_path / "runs").exists()
+
+    # check_memory=false: the same estimate as a warning, and the run goes on (stopped here)
+    forced = subprocess.Popen(
+        [sys.executable, str(RUN_CLM), f"output_dir={tmp_path / 'runs'}", *big]
+        + ["check_memory=false", "progress_bar=false"],
+        env=clean_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    warning = forced.stderr.readline()
+    running = forced.poll() is None
+    forced.kill()
+    forced.wait()
+    assert warning.startswith("warning: memory: this run needs about ")
+    assert warning.rstrip().endswith("GiB usable); check_memory=false: starting anyway")
+    assert running
+
+
+def test_the_memory_check_names_what_would_fit(monkeypatch):
+    """The reference's mixtral80 dry run (1.7B parameters, fp32 AdamW: 25.5 GiB of state) with
+    22 GiB free, as on the 24 GiB laptop of issue 18: only bfloat16 fits; with 2 GiB free
+    nothing does and the message says to use a smaller model."""
+    from clm import memory
+    from clm.backends.torch_backend import TorchBackend
+
+    cfg = config_lib.compose(["+experiment=dry_run_mixtral80"])
+    config_lib.finalize(cfg, 1)
+    backend = TorchBackend(torch.device("cpu"))
+    for free, fits in (
+        (22, "these overrides would fit: model.dtype=bfloat16 ("),
+        (2, "nothing smaller fits here (even model.gradient_checkpointing=true "),
+    ):
+        monkeypatch.setattr(memory, "free_bytes", lambda _backend, gib=free: gib * 2**30)
+        with pytest.raises(config_lib.ConfigError) as error:
+            memory.check(cfg, backend)
+        message = str(error.value)
+        assert message.startswith("memory: this run needs about 26.")
+        assert f"has {free:.1f} GiB free ({free * 0.9:.1f} GiB usable); {fits}" in message
+    monkeypatch.setattr(memory, "free_bytes", lambda _backend: 40 * 2**30)
+    memory.check(cfg, backend)  # fits: no error
 
 
 def test_skip_bad_records_counts_them(tmp_path):

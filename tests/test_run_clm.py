@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import CLM, run_clm
+from conftest import CLM, clean_env, run_clm
 
 from clm.metrics import read_metrics
 from clm.mlperf import check_log
@@ -85,32 +85,6 @@ def official_common_rules(tmp_path):
     return target
 
 
-def test_gpt2_dry_run_preset_with_accumulation_from_inside_clm(tmp_path):
-    """The reference's GPT-2 dry run (tiny local GPT-2), invoked as `python run_clm.py`."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run_clm.py",
-            "+experiment=dry_run_gpt2",
-            f"output_dir={tmp_path / 'runs'}",
-            "max_length=128",
-            "progress_bar=false",
-        ],
-        cwd=CLM,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**__import__("conftest").clean_env(tmp_path)},
-    )
-    assert proc.returncode == 0, proc.stderr
-    records = read_metrics(tmp_path / "runs" / "dry_run_gpt2")
-    train = [r for r in records if "train/loss" in r]
-    assert len(train) == 30 and train[-1]["train/tokens_seen"] == 30 * 8 * 128
-    assert [r["step"] for r in records if "eval/loss" in r] == list(range(3, 31, 3))
-    assert all(r["train/lr"] == 2e-3 for r in train)  # sched.warmup_ratio=0.
-    assert train[-1]["train/loss"] < train[0]["train/loss"]
-
-
 def test_bad_input_fails_in_one_line_and_keeps_previous_run(tmp_path):
     first = run_clm(tmp_path, *FAST, "max_steps=2", "eval_frequency=2")
     assert first.returncode == 0, first.stderr
@@ -129,17 +103,91 @@ def test_bad_input_fails_in_one_line_and_keeps_previous_run(tmp_path):
         tmp_path, "exp_name=hub", "model.config_path=null", "model.name_or_path=gpt2"
     )
     assert hub_only.returncode == 2
-    assert hub_only.stderr.strip().splitlines() == [
-        "error: model.name_or_path=gpt2: not a local model directory and not in the local HF "
-        "cache (nothing is downloaded); point it at a directory with config.json, or set "
-        "model.config_path"
-    ]
+    assert hub_only.stderr.strip().splitlines() == [NOT_CACHED.format("gpt2")]
+    assert not (tmp_path / "runs" / "hub").exists()  # refused before anything was written
 
     missing = run_clm(tmp_path, "exp_name=other", f"dataset.eval_dataset_path={tmp_path}")
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         f"error: {tmp_path}/c4-validation_24567exp.json: missing data file (also looked for .gz)"
     ]
+
+
+NOT_CACHED = (
+    "error: model.name_or_path={}: not a local model directory and not in the local HF cache "
+    "(nothing is downloaded); for the reference's GPT-2 dry run use +experiment=dry_run_gpt2 (a "
+    "tiny local GPT-2), else pass a local HF model directory (config.json and *.safetensors) or "
+    "set model.config_path"
+)
+# the reference README's GPT-2 dry run, word for word
+GPT2_LINE = (
+    "model.name_or_path=gpt2 eval_frequency=3 n_eval_examples=100 per_device_train_batch_size=4 "
+    "gradient_accumulation_steps=2 sched.warmup_ratio=0. max_steps=30"
+).split()
+
+
+def test_reference_gpt2_line_trains_gpt2_from_the_cache_or_says_what_to_do(tmp_path):
+    """`python run_clm.py model.name_or_path=gpt2 ...` from clm/: one line saying what to do
+    when GPT-2 is not in the local HF cache; with it there (here a small GPT-2 saved in the
+    cache's layout), that GPT-2 is trained, not the embedded Mixtral under another name."""
+
+    def gpt2_line(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "run_clm.py", *GPT2_LINE, *extra, f"output_dir={tmp_path / 'runs'}"]
+            + ["progress_bar=false"],
+            cwd=CLM,
+            env=clean_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    missing = gpt2_line()
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines() == [NOT_CACHED.format("gpt2")]
+    assert not (tmp_path / "runs").exists()
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    snapshot = tmp_path / "hf_home" / "hub" / "models--gpt2" / "snapshots" / ("0" * 40)
+    config = GPT2Config(vocab_size=32000, n_positions=512, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(snapshot)  # the files a download would leave
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+
+    cached = gpt2_line("max_steps=2")  # a later override wins, as in Hydra
+    assert cached.returncode == 0, cached.stderr
+    params = sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
+    assert f"model: {params / 1e6:.1f}M parameters ({params / 1e6:.1f}M active)" in cached.stdout
+    assert "only names the tokenizer" not in cached.stdout
+    run_dir = tmp_path / "runs" / "embedded_default"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["config_path"] is None
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    assert not any(k.startswith("moe/") for r in records for k in r)  # no experts: not Mixtral
+
+
+def test_the_last_step_is_evaluated_off_the_cadence_but_not_for_mlperf(tmp_path):
+    """max_steps=5 with evals every 2 steps: evals at 2 and 4 (MLPerf's), and at 5 for
+    metrics.jsonl and the summary only; the summary names the step of its eval loss."""
+    proc = run_clm(tmp_path, *FAST, "max_steps=5", "eval_frequency=2")
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "embedded_default"
+    evals = {r["step"]: r["eval/loss"] for r in read_metrics(run_dir) if "eval/loss" in r}
+    assert list(evals) == [2, 4, 5]
+    assert (
+        f"final eval loss {evals[5]:.4f} (step 5, off the 2-step eval cadence: not an MLPerf "
+        "eval)." in proc.stdout
+    )
+    lines = (run_dir / "mlperf_compliance.log").read_text().splitlines()
+    accuracy = [json.loads(x.split(" ", 1)[1]) for x in lines if '"key": "eval_accuracy"' in x]
+    assert [(e["value"], e["metadata"]["samples_count"]) for e in accuracy] == [
+        (evals[2], 2 * 8),
+        (evals[4], 4 * 8),
+    ]
+    assert sum('"key": "eval_start"' in x for x in lines) == 2
+    stop = json.loads(next(x for x in lines if '"key": "run_stop"' in x).split(" ", 1)[1])
+    assert stop["metadata"]["status"] == "aborted"  # max_steps; the target is 0 here anyway
 
 
 def failed_checks(output: str) -> set[str]:

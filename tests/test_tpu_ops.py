@@ -176,6 +176,68 @@ def test_xpk_refuses_a_slice_that_does_not_fit(stubs):
     assert calls()[0][:3] == ["xpk", "workload", "create"]
 
 
+def test_run_passes_the_planners_gradient_accumulation(stubs):
+    """v5p-128 has 64 chips for the preset's global batch of 256: the planner derives
+    gradient_accumulation_steps=4, and both scripts add it to the run (without it the run stops
+    at start on the batch formula); an accumulation the user set is passed as given."""
+    env, calls = stubs
+    env.update(CLUSTER="c", TPU_TYPE="v5p-128", IMAGE="i", RESULTS_URI="gs://b/r")
+    proc = run("scripts/tpu/xpk.sh", "run", *OVERRIDES, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: adding gradient_accumulation_steps=4" in proc.stderr
+    command = calls()[-1][calls()[-1].index("--command") + 1]
+    planned = (*OVERRIDES, "gradient_accumulation_steps=4")
+    assert shlex.split(command) == expected_workload("gs://b/r", *planned)
+
+    given = run("scripts/tpu/xpk.sh", "run", "gradient_accumulation_steps=4", env=env)
+    assert given.returncode == 0, given.stderr
+    command = calls()[-1][calls()[-1].index("--command") + 1]
+    assert shlex.split(command) == expected_workload("gs://b/r", "gradient_accumulation_steps=4")
+
+    env.update(TPU_NAME="t1", ZONE="z")
+    proc = run("scripts/tpu/gce.sh", "run", *OVERRIDES, env=env)
+    assert proc.returncode == 0, proc.stderr
+    remote = calls()[-1][10]
+    words = shlex.split(remote[remote.index("sudo docker run") :].replace("\\\n", " "))
+    assert shlex.split(words[words.index("i") + 3]) == expected_workload("gs://b/r", *planned)
+
+
+@pytest.mark.parametrize("script", ["xpk.sh", "gce.sh"])
+def test_run_refuses_when_the_capacity_check_cannot_run(stubs, tmp_path, script):
+    """PYTHON that cannot import clm: no submission (it used to print a note and submit);
+    FORCE=1 submits, saying that it skipped the check."""
+    env, calls = stubs
+    no_clm = tmp_path / "python-without-clm"
+    no_clm.write_text("#!/usr/bin/env bash\necho \"No module named 'clm'\" >&2\nexit 1\n")
+    no_clm.chmod(0o755)
+    env.update(PYTHON=str(no_clm), CLUSTER="c", TPU_NAME="t", ZONE="z", TPU_TYPE="v5p-512")
+    env.update(IMAGE="i", RESULTS_URI="gs://b/r")
+    proc = run(f"scripts/tpu/{script}", "run", env=env)
+    assert proc.returncode == 2 and calls() == []
+    assert proc.stderr.splitlines() == [
+        f"error: cannot run the capacity check: {no_clm} cannot import clm (make venv, or set "
+        "PYTHON to an interpreter that can); FORCE=1 submits without it"
+    ]
+    env["FORCE"] = "1"
+    proc = run(f"scripts/tpu/{script}", "run", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: FORCE=1: submitting without the capacity check" in proc.stderr
+    assert len(calls()) == 1
+
+
+@pytest.mark.parametrize("script", ["xpk.sh", "gce.sh"])
+def test_help_shows_the_usage_only(stubs, script):
+    """`help` prints the script's leading comment block, not the code after it."""
+    env, calls = stubs
+    proc = run(f"scripts/tpu/{script}", "help", env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = (ROOT / "scripts" / "tpu" / script).read_text().splitlines()
+    header = lines[1 : next(i for i, x in enumerate(lines) if not x.startswith("#"))]
+    assert proc.stdout.splitlines() == [x[2:] if x.startswith("# ") else x[1:] for x in header]
+    assert "set -euo" not in proc.stdout and "shellcheck" not in proc.stdout
+    assert proc.stdout.startswith("The benchmark on ") and calls() == []
+
+
 def test_gce_run_starts_the_container_on_every_worker(stubs):
     env, calls = stubs
     env.update(

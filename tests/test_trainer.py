@@ -46,7 +46,7 @@ def tiny_mixtral(cfg, seed=0):
     hf = model_lib.build_hf_config(cfg.model)
     hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers = 32, 48, 2
     hf.num_attention_heads, hf.num_key_value_heads, hf.vocab_size = 4, 2, 512
-    model_lib._configure_experts(hf, cfg.model)
+    model_lib._configure_experts(hf, cfg.model, cfg.max_length)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)
     model.to_empty(device=CPU)

@@ -26,12 +26,11 @@
 #   DOCKER_RUN_ARGS  extra `docker run` flags, e.g. "-v /mnt/ckpt:/ckpt:ro"
 #   GCLOUD_ARGS  extra flags for the create command, e.g. "--spot" or "--reserved"
 #   PYTHON, FORCE=1  as in xpk.sh: the interpreter for the capacity check; submit anyway
+# `run` adds the gradient_accumulation_steps the planner derives, as xpk.sh does.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=lib.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
-
-usage() { sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 CONTAINER=mlperf-moe
 NUM_SLICES=${NUM_SLICES:-1}
@@ -118,7 +117,7 @@ sudo docker rm -f $CONTAINER >/dev/null 2>&1 || true
 sudo mkdir -p $(quote_args "$HOST_OUTPUT")
 sudo docker run -d --name $CONTAINER --privileged --net host --shm-size=16G -v /tmp:/tmp \
   -v $(quote_args "$HOST_OUTPUT:$APP_DIR/output") $(quote_args "${docker_args[@]}") \
-  $(quote_args "$IMAGE") bash -c $(quote_args "$(workload_command "$@")")"
+  $(quote_args "$IMAGE") bash -c $(quote_args "$(workload_command "$@" "${PLANNED[@]}")")"
     echo "started $CONTAINER on every worker of $TPU_NAME; follow it with: scripts/tpu/gce.sh logs"
     ;;
   logs)

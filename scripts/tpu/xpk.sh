@@ -17,16 +17,17 @@
 #   EXPERIMENT   preset for +experiment= (default gbs256_tpu; none: no preset)
 #   XPK_ARGS     extra xpk flags, e.g. "--reservation=<name>" or "--spot" for cluster,
 #                "--priority=high" for run
-#   PYTHON       interpreter that can import clm, for the capacity check (default python3)
-#   FORCE=1      submit even when the capacity planner says it does not fit
+#   PYTHON       interpreter that can import clm, for the capacity check (default: .venv/bin/python
+#                when it exists, else python3); the run is refused when it cannot run
+#   FORCE=1      submit even when the capacity planner says it does not fit, or cannot run
+# `run` adds the gradient_accumulation_steps the planner derives for TPU_TYPE x NUM_SLICES (a
+# preset that fixes the global batch, e.g. 4 on v5p-128) unless the overrides set it.
 # OVERRIDES are Hydra overrides for run_clm.py, e.g. gradient_accumulation_steps=4
 # checkpoint_manager_path=/ckpt/mixtral822 dataset.train_dataset_path=gs://...
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=lib.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
-
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 NUM_SLICES=${NUM_SLICES:-1}
 WORKLOAD=${WORKLOAD:-${USER:-$(id -un)}-mlperf-moe}
@@ -57,7 +58,7 @@ case "${1:-}" in
     # --docker-image runs the image as built; --base-docker-image would copy this directory over it
     xpk workload create --cluster "$CLUSTER" --workload "$WORKLOAD" --docker-image "$IMAGE" \
       --tpu-type "$TPU_TYPE" --num-slices "$NUM_SLICES" "${LOCATION[@]}" "${EXTRA[@]}" \
-      --command "$(workload_command "$@")"
+      --command "$(workload_command "$@" "${PLANNED[@]}")"
     echo "submitted $WORKLOAD; follow it with: scripts/tpu/xpk.sh logs"
     ;;
   status)
