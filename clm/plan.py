@@ -243,15 +243,18 @@ def flops_per_token(m: ModelShape, seq_len: int) -> float:
     )
 
 
-def expert_slots_per_token(m: ModelShape, model_cfg: DictConfig, tokens: int) -> float:
-    """Rows the experts compute per token: E*C/T (dropping), K (dropless, hf), E (dense)."""
+def expert_slots_per_token(
+    m: ModelShape, model_cfg: DictConfig, tokens: int, xla: bool = False
+) -> float:
+    """Rows the experts compute per token: E*C/T (dropping), K (dropless, hf), E (dense; and
+    dropless under XLA, which runs it as capacity C = the sequence's tokens: clm.moe)."""
     cf = float(model_cfg.capacity_factor)
     impl = model_cfg.get("moe_implementation")
     if impl in (None, "auto"):
         impl = "dropping" if cf > 0 else "dropless"
     if impl == "dropping":
         return m.experts * capacity(tokens, m.top_k, m.experts, cf) / tokens
-    if impl == "dense":
+    if impl == "dense" or (impl == "dropless" and xla):
         return float(m.experts)
     return float(m.top_k)
 
@@ -309,7 +312,14 @@ class Memory:
 
 
 def layer_activation_bytes(
-    m: ModelShape, act: int, slots: float, tensor: int, seq_len: int, rows: int, attention: str
+    m: ModelShape,
+    act: int,
+    slots: float,
+    tensor: int,
+    seq_len: int,
+    rows: int,
+    attention: str,
+    xla: bool = False,
 ) -> tuple[float, float]:
     """(saved activations, gradients in flight) of one decoder layer for `rows` sequences.
 
@@ -329,7 +339,10 @@ def layer_activation_bytes(
     """
     d, q, kv, f = m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim, m.ffn
     norms = 2 * (4 * d + 2 * act * d)
-    attn = act * (q + 2 * kv) / tensor + 2 * act * q / tensor + 4 * m.heads / tensor
+    # the kernel's softmax statistics: a float per head (torch_xla's Pallas kernel on XLA keeps
+    # two, l and m, each broadcast over a 128-lane tile)
+    statistics = (2 * 4 * 128 if xla else 4) * m.heads / tensor
+    attn = act * (q + 2 * kv) / tensor + 2 * act * q / tensor + statistics
     router = 4 * m.experts + (4 + 8 + 4) * m.top_k
     experts = act * slots * (d + 4 * f / tensor) + act * m.top_k * d + 8 * (slots + 3 * m.top_k)
     tokens = rows * seq_len
@@ -349,8 +362,16 @@ def memory_per_device(
     rows: int,
     seq_len: int,
     attention: str,
+    xla: bool = False,
+    scanned: bool = False,
 ) -> Memory:
     """Per-device bytes for `rows` sequences per device per micro-batch (see `Memory`).
+
+    `xla`: the program XLA compiles (TPU): dropless experts as capacity C = the sequence, the
+    flash kernel's statistics as torch_xla keeps them. `scanned` (`xla_scan_layers`): the
+    stack of layer inputs the scan keeps for the backward is held twice at the end of the
+    forward loop (measured by clm.aot: XLA writes it into a second buffer rather than in
+    place).
 
     The dropping experts' capacity is per sequence (clm.moe's capacity groups, as the trainer
     sets them), so their buffers per token do not depend on the device count."""
@@ -372,11 +393,11 @@ def memory_per_device(
         if name == output:  # the logits are split like the output projection's vocab dim
             logits_shard = math.prod(axis_sizes.get(a, 1) for a in axes_of(spec[0]))
     params = local * param_bytes
-    slots = expert_slots_per_token(m, model_cfg, seq_len)
-    saved, grads = layer_activation_bytes(m, act, slots, tensor, seq_len, rows, attention)
+    slots = expert_slots_per_token(m, model_cfg, seq_len, xla)
+    saved, grads = layer_activation_bytes(m, act, slots, tensor, seq_len, rows, attention, xla)
     tokens = rows * seq_len
     if model_cfg.gradient_checkpointing:
-        checkpoints = m.layers * tokens * m.hidden * act
+        checkpoints = m.layers * tokens * m.hidden * act * (2 if scanned else 1)
         layer_activations = saved
     else:  # every layer's activations stay until its backward
         checkpoints = (m.layers - 1) * saved
@@ -523,7 +544,7 @@ def plan(argv: list[str]) -> Plan:
     config_lib.finalize(cfg, dp)  # checks the global batch; derives the eval cadence
 
     seq, rows = int(cfg.max_length), int(cfg.per_device_train_batch_size)
-    memory = _memory_for(cfg, shape, mesh, attention)
+    memory = _memory_for(cfg, shape, mesh, attention, slice_.is_tpu)
     usable = slice_.chip.hbm_bytes * (1 - reserve)
     total, active = count_parameters(shape)
     return Plan(
@@ -550,7 +571,7 @@ def plan(argv: list[str]) -> Plan:
         eval_frequency=int(cfg.eval_frequency),
         max_steps=int(cfg.max_steps),
         gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
-        experts_slots=expert_slots_per_token(shape, cfg.model, seq),
+        experts_slots=expert_slots_per_token(shape, cfg.model, seq, slice_.is_tpu),
         smallest_fit=_smallest_fit(
             cfg, shape, slice_, num_slices, usable, attention, user_set, batch_fixed
         ),
@@ -558,9 +579,10 @@ def plan(argv: list[str]) -> Plan:
     )
 
 
-def _memory_for(cfg, shape, mesh, attention) -> Memory:
+def _memory_for(cfg, shape, mesh, attention, xla: bool) -> Memory:
     rows, seq = int(cfg.per_device_train_batch_size), int(cfg.max_length)
-    return memory_per_device(shape, cfg.model, mesh, rows, seq, attention)
+    scanned = xla and bool(cfg.get("xla_scan_layers", False))
+    return memory_per_device(shape, cfg.model, mesh, rows, seq, attention, xla, scanned)
 
 
 def _smallest_fit(cfg, shape, slice_, num_slices, usable, attention, user_set, batch_fixed):
@@ -584,7 +606,7 @@ def _smallest_fit(cfg, shape, slice_, num_slices, usable, attention, user_set, b
         rows = int(cfg.per_device_train_batch_size) * dp * accumulation
         batch_ok = not batch_fixed or rows == int(cfg.global_train_batch_size)
         candidate = Slice(slice_name(slice_.kind, chips), slice_.kind, chips)
-        if batch_ok and _memory_for(cfg, shape, mesh, attention).peak <= usable:
+        if batch_ok and _memory_for(cfg, shape, mesh, attention, slice_.is_tpu).peak <= usable:
             return candidate.name, chips, accumulation
         chips *= 2
     return None

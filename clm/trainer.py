@@ -274,8 +274,12 @@ class Trainer:
         nll_total = torch.zeros((), device=self.backend.device)
         aux_total = torch.zeros((), device=self.backend.device)
         for i in range(accum):
-            part = {k: v[i * micro : (i + 1) * micro] for k, v in batch.items()}
-            nll, _, aux = model_lib.forward(self.model, self.backend.to_device(part), True)
+            part = self.backend.to_device(
+                {k: v[i * micro : (i + 1) * micro] for k, v in batch.items()}
+            )
+            if i:  # XLA: this micro-batch after the last one's backward, not beside it
+                part = self.backend.after_gradients(part, self.model)
+            nll, _, aux = model_lib.forward(self.model, part, True)
             loss = nll / targets
             if aux is not None:
                 loss = loss + self.aux_coef * aux / (accum * self.aux_groups)

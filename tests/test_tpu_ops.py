@@ -177,22 +177,22 @@ def test_xpk_refuses_a_slice_that_does_not_fit(stubs):
 
 
 def test_run_passes_the_planners_gradient_accumulation(stubs):
-    """v5p-128 has 64 chips for the preset's global batch of 256: the planner derives
-    gradient_accumulation_steps=4, and both scripts add it to the run (without it the run stops
+    """v5p-256 has 128 chips for the preset's global batch of 256: the planner derives
+    gradient_accumulation_steps=2, and both scripts add it to the run (without it the run stops
     at start on the batch formula); an accumulation the user set is passed as given."""
     env, calls = stubs
-    env.update(CLUSTER="c", TPU_TYPE="v5p-128", IMAGE="i", RESULTS_URI="gs://b/r")
+    env.update(CLUSTER="c", TPU_TYPE="v5p-256", IMAGE="i", RESULTS_URI="gs://b/r")
     proc = run("scripts/tpu/xpk.sh", "run", *OVERRIDES, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "note: adding gradient_accumulation_steps=4" in proc.stderr
+    assert "note: adding gradient_accumulation_steps=2" in proc.stderr
     command = calls()[-1][calls()[-1].index("--command") + 1]
-    planned = (*OVERRIDES, "gradient_accumulation_steps=4")
+    planned = (*OVERRIDES, "gradient_accumulation_steps=2")
     assert shlex.split(command) == expected_workload("gs://b/r", *planned)
 
-    given = run("scripts/tpu/xpk.sh", "run", "gradient_accumulation_steps=4", env=env)
+    given = run("scripts/tpu/xpk.sh", "run", "gradient_accumulation_steps=2", env=env)
     assert given.returncode == 0, given.stderr
     command = calls()[-1][calls()[-1].index("--command") + 1]
-    assert shlex.split(command) == expected_workload("gs://b/r", "gradient_accumulation_steps=4")
+    assert shlex.split(command) == expected_workload("gs://b/r", "gradient_accumulation_steps=2")
 
     env.update(TPU_NAME="t1", ZONE="z")
     proc = run("scripts/tpu/gce.sh", "run", *OVERRIDES, env=env)

@@ -76,6 +76,11 @@ class Backend:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def after_gradients(self, batch: dict, model: torch.nn.Module) -> dict:
+        """The next micro-batch (on the device), ordered after the gradients accumulated so
+        far; eager backends run in order anyway."""
+        return batch
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 

@@ -341,6 +341,17 @@ class XlaBackend(Backend):
             [out[key]] = xm.send_cpu_data_to_device(value, self.device, spec)
         return out
 
+    def after_gradients(self, batch: dict, model: torch.nn.Module) -> dict:
+        """One optimization barrier over the micro-batch and the accumulated gradients: its
+        forward cannot start before the last micro-batch's backward has ended. The step is one
+        XLA program, and without it the compiler ran the micro-batches side by side, each
+        holding its activations (Mixtral-8x22B on v5p-256, 2 micro-batches of 32K tokens per
+        device: 130 GiB per device; docs/PERFORMANCE.md, TPU section)."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        tensors = list(batch.values()) + grads
+        xm.optimization_barrier_(tensors)
+        return dict(zip(batch, tensors[: len(batch)], strict=True))
+
     def barrier(self) -> None:
         """Wait for every host (on the hosts' gloo group: the devices are not involved)."""
         from clm.checkpoint import cpu_barrier

@@ -21,7 +21,7 @@
 #                when it exists, else python3); the run is refused when it cannot run
 #   FORCE=1      submit even when the capacity planner says it does not fit, or cannot run
 # `run` adds the gradient_accumulation_steps the planner derives for TPU_TYPE x NUM_SLICES (a
-# preset that fixes the global batch, e.g. 4 on v5p-128) unless the overrides set it.
+# preset that fixes the global batch, e.g. 2 on v5p-256) unless the overrides set it.
 # OVERRIDES are Hydra overrides for run_clm.py, e.g. gradient_accumulation_steps=4
 # checkpoint_manager_path=/ckpt/mixtral822 dataset.train_dataset_path=gs://...
 set -euo pipefail
