@@ -1,0 +1,5 @@
+import sys
+
+from clm.aot import main
+
+sys.exit(main())
