@@ -23,9 +23,11 @@ planner); with tensor_parallelism = expert_parallelism = 1 it is plain FSDP (ZeR
 device holds 1/fsdp of every matrix and XLA all-gathers it where it is used).
 
 Correctness does not depend on the rules (GSPMD inserts the collectives any layout needs, and
-the tests check the losses of four meshes against CPU); speed does, and the tp/ep layouts
-are not tuned yet: the MoE dispatch buffers carry no annotation, so there is no explicit
-all-to-all.
+the tests check the losses of four meshes against CPU); speed and memory do. The MoE buffers
+are laid out by logical dimensions (`clm.backends.xla_spmd`): each sequence's tokens on its
+own devices, and grouped by expert, experts on the expert axis (with expert_parallelism > 1
+the partitioner moves tokens there by all-to-all). The tp/ep layouts are not tuned yet; the
+FSDP one is what `python -m clm.aot` compiles for the benchmark (docs/PERFORMANCE.md).
 
 Several hosts (a TPU pod slice: v5p-128 is 16 hosts): the same command runs on every host, one
 process each, and the mesh covers `xr.global_runtime_device_count()` devices. Every process reads
