@@ -20,6 +20,7 @@ refused with a one-line error rather than lowered differently):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -61,11 +62,24 @@ def tame_torchax() -> None:
     `dist.barrier` fails ("Please register PrivateUse1HooksInterface"; clm.checkpoint's
     `cpu_barrier` avoids it). Its device is never used here (torch_xla's tensors are XLA
     tensors), so it is marked unavailable."""
-    if importlib.util.find_spec("torchax") is None:
-        return
+    if torchax_import_error() is not None:
+        return  # torch_xla goes without it; call_jax_available() says why
     import torchax.device_module
 
     torchax.device_module.is_available = lambda: False
+
+
+@functools.cache
+def torchax_import_error() -> str | None:
+    """Why torchax does not import, or None. Some torchax builds import flax (and through it
+    orbax) at package import; requirements.lock pins them."""
+    if importlib.util.find_spec("torchax") is None:
+        return "torchax is not installed"
+    try:
+        import torchax  # noqa: F401
+    except ImportError as err:
+        return f"torchax does not import ({err})"
+    return None
 
 
 def jax_available() -> bool:
@@ -74,7 +88,7 @@ def jax_available() -> bool:
 
 def call_jax_available() -> bool:
     """torch_xla's `call_jax` (clm.expert_slots on XLA) needs jax and the torchax package."""
-    return jax_available() and importlib.util.find_spec("torchax") is not None
+    return jax_available() and torchax_import_error() is None
 
 
 def version_mismatches() -> list[str]:

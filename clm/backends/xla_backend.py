@@ -241,9 +241,10 @@ class XlaBackend(Backend):
         from clm.model import place_all
 
         if model_lib.is_moe(model.config) and not pallas.call_jax_available():
+            why = pallas.torchax_import_error() or "jax is not installed"
             raise ConfigError(
                 "backend=xla runs the MoE layers' indexed copies through torch_xla's call_jax, "
-                "which needs jax and torchax: install the pinned requirements.lock"
+                f"which needs jax and torchax ({why}): install the pinned requirements.lock"
             )
         # HF's aux loss uses torch.histc, which XLA cannot lower; ours is equal and static
         moe.use_static_load_balancing_loss()
