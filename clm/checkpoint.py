@@ -224,8 +224,8 @@ def cpu_barrier(process_group=None) -> None:
     """Wait for every process of a CPU (gloo) group: an all-reduce of one number.
 
     Not `dist.barrier`: torch 2.9's looks the machine's accelerator up first, and once
-    torchax is imported (torch_xla imports it in `mark_sharding` when installed; the XLA
-    backend needs it for `call_jax`) that lookup raises "Please register
+    torchax is imported (torch_xla imports the copy its wheel carries in `mark_sharding`; the
+    XLA backend needs it for `call_jax`) that lookup raises "Please register
     PrivateUse1HooksInterface", as torchax names the PrivateUse1 backend without its hooks."""
     dist.all_reduce(torch.zeros(1), group=process_group)
 

@@ -11,7 +11,7 @@ no scatter-add either way. They are torch custom operators (shape functions, gra
 torch_xla's scan, which traces a layer with AOTAutograd on fake tensors, can trace them.
 
 On XLA they are jax functions (one scatter and one gather, in `jax.lax`), run by torch_xla's
-`call_jax` (it needs the torchax package): the group is a batching dimension of the scatter
+`call_jax` (through the torchax package inside torch_xla's wheel): the group is a batching dimension of the scatter
 and of the gather, which XLA's SPMD partitioner splits like the batch, so each device copies
 only its own sequences' tokens. torch_xla's own lowering of the same
 indexed copies hides the group index behind a negative-index wrap, and the partitioner then

@@ -44,6 +44,21 @@ def test_benchmark_fits_v5p_512_not_v5p_128(name, chips, fits):
     assert p.accumulation == 256 // chips  # derived so the global batch stays 256
 
 
+def test_tpu_verdicts_say_what_the_compiler_showed_the_model_leaves_out():
+    """On v5p-256 the spare (1.0 GiB) is less than the model's error against the TPU compiler
+    (which says 89.4 GiB: over the reserve); unrolled layers and dropless experts are named as not
+    modelled / over-counted; a GPU plan carries no TPU caveat."""
+    edge = plan.render(plan.plan([BENCHMARK, "slice=v5p-256"]))
+    assert "at the edge" in edge and "not modelled" not in edge
+    unrolled = plan.render(plan.plan([BENCHMARK, "slice=v5p-512", "xla_scan_layers=false"]))
+    assert "not modelled: unrolled layers" in unrolled
+    dropless = plan.tpu_caveats(plan.plan([BENCHMARK, "slice=v5p-512", "model.capacity_factor=0"]))
+    assert any(line.startswith("over-counted: dropless") for line in dropless)
+    scanned_dropping = ["xla_scan_layers=true", "model.capacity_factor=1.25"]
+    assert plan.tpu_caveats(plan.plan(["slice=v5p-8", *scanned_dropping])) == []  # GiBs to spare
+    assert plan.tpu_caveats(plan.plan([BENCHMARK, "slice=h100-256"])) == []
+
+
 def test_benchmark_does_not_fit_v5p_64():
     p = plan.plan([BENCHMARK, "slice=v5p-64"])
     assert p.devices == 32 and not p.fits

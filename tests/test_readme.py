@@ -178,6 +178,17 @@ def xla_on_virtual_devices(shell: Shell, line: str) -> None:
     assert [r["step"] for r in records if "eval/loss" in r] == [2]
 
 
+def wandb_offline_run(shell: Shell, line: str) -> None:
+    """`make run` with W&B offline (the line's own 30 steps): the offline run in the run
+    directory, its history read back by the next README line."""
+    ok(shell.run(line.replace("make run", f"make -o .venv/.installed run PY={sys.executable}")))
+    assert list((shell.root / "runs" / "embedded_default" / "wandb").glob("offline-run-*"))
+
+
+def wandb_history_equals_metrics(shell: Shell, line: str) -> None:
+    ok(shell.run(line))  # exit 0: the offline run's history equals metrics.jsonl
+
+
 def nemo_sample_prepared(shell: Shell, line: str) -> None:
     ok(shell.run(line))
     assert (
@@ -236,6 +247,9 @@ WALK = [
     (r"python run_clm.py model.config_path=mixtral822.json .*", skip("Mixtral-8x22B on a TPU pod")),
     (r"python run_clm.py model.config_path=mixtral80.json .*", mixtral80_dry_run),
     (r"cd \.\.", change_directory),
+    (r'WANDB_MODE=offline make run ARGS="wandb\.enabled=true max_steps=30"', wandb_offline_run),
+    (r"python -m clm\.wandb_log runs/embedded_default", wandb_history_equals_metrics),
+    (r"wandb sync .*", skip("uploads to W&B: needs the network and an account")),
     (r"PJRT_DEVICE=TPU python clm/run_clm.py .*", skip("needs a TPU")),
     (
         r"PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 python clm/run_clm.py backend=xla .*",

@@ -885,6 +885,8 @@ SCAN_SCRIPT = textwrap.dedent("""
     ):
         nll, count, aux = forward(net, batch, True)
         (nll / count + aux).backward()
+        if name == "xla":
+            torch_xla.sync()  # one program for the step; each read below then reads its result
         grads = {n: p.grad.cpu() for n, p in net.named_parameters()}
         results[name] = (float(nll / count), float(aux), grads, moe.moe_metrics(net))
     (loss, aux, grads, stats), (cpu_loss, cpu_aux, cpu_grads, cpu_stats) = results.values()

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import importlib.metadata
 import importlib.util
+import logging
 import os
 
 # the versions `targeting_tpu` was proven with (torch_xla 2.9.0's pins for its pallas/tpu extras)
@@ -54,7 +55,7 @@ def jax_for_this_runtime() -> None:
 def tame_torchax() -> None:
     """Import torchax now, and keep torch from taking its device for an accelerator.
 
-    torch_xla imports torchax (when installed) at its first `mark_sharding`, and `call_jax`
+    torch_xla imports torchax (its wheel carries it) at its first `mark_sharding`, and `call_jax`
     (clm.expert_slots) and the scan's backward under SPMD need it. On import torchax names
     torch's PrivateUse1 backend "jax" and registers a device module that says it is
     available; torch.distributed then takes it for the machine's accelerator: DCP's file
@@ -71,14 +72,20 @@ def tame_torchax() -> None:
 
 @functools.cache
 def torchax_import_error() -> str | None:
-    """Why torchax does not import, or None. Some torchax builds import flax (and through it
-    orbax) at package import; requirements.lock pins them."""
+    """Why torchax does not import, or None. The torchax inside torch_xla 2.9.0's wheel imports
+    flax's checkpoints (and through them orbax) at package import; requirements.lock pins flax.
+    flax logs through absl that TensorFlow is missing (irrelevant here), so that is hushed."""
     if importlib.util.find_spec("torchax") is None:
         return "torchax is not installed"
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
     try:
         import torchax  # noqa: F401
     except ImportError as err:
         return f"torchax does not import ({err})"
+    finally:
+        absl.setLevel(level)
     return None
 
 
