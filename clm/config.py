@@ -295,6 +295,11 @@ def validate(cfg: DictConfig) -> None:
     )
     for key in ("tensor_parallelism", "expert_parallelism", "context_parallelism"):
         _check(int(cfg[key]) >= 1, f"{key}={cfg[key]}: must be >= 1")
+    _check(
+        cfg.get("cache_local_dir") is None,
+        f"cache_local_dir={cfg.get('cache_local_dir')}: not read by this package (models and "
+        "tokenizers come from local files and the HF cache only); set HF_HOME to that directory",
+    )
     _validate_wandb(cfg.get("wandb"))
     slices = cfg.get("num_slices", 1)
     _check(
@@ -471,6 +476,16 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
                 )
     check_types(cfg)
     return cfg
+
+
+def usage_error(error: BaseException) -> str | None:
+    """A command-line tool's one line for a mistake in its arguments: ours (ConfigError, a bad
+    value, a missing file) or Hydra's and OmegaConf's; None for anything else, a bug to raise."""
+    if isinstance(error, (ConfigError, ValueError, FileNotFoundError)):
+        return f"error: {error}"
+    if type(error).__module__.split(".")[0] in ("hydra", "omegaconf"):
+        return f"error: {_first_line(error)}"
+    return None
 
 
 def _hydra_compose(overrides: list[str]) -> DictConfig:

@@ -91,12 +91,20 @@ def hyperparameters(
     train_samples: int | None,
     warmup_steps: int,
     moe_aux_loss_coeff: float | None = None,
+    parallelism: dict[str, int] | None = None,
 ) -> dict[str, object]:
     """Every hyperparameter key the rules require, from a finalized config.
 
     `train_samples` None (a streamed train set of unknown size) logs the most the schedule can
-    consume, max_steps x global batch.
+    consume, max_steps x global batch. `parallelism` is what the backend ran (tensor, expert,
+    pipeline, context: `Backend.parallelism`); None, the config's (the NeMo path runs it as
+    configured).
     """
+    if parallelism is None:
+        parallelism = {
+            axis: int(cfg[f"{axis}_parallelism"])
+            for axis in ("tensor", "expert", "pipeline", "context")
+        }
     gbs = int(cfg.global_train_batch_size)
     if train_samples is None:
         train_samples = int(cfg.max_steps) * gbs
@@ -121,10 +129,10 @@ def hyperparameters(
         C.OPT_LR_TRAINING_STEPS: int(cfg.sched.max_steps),
         C.OPT_LR_DECAY_SCHEDULE: str(cfg.sched.name),
         C.MICRO_BATCH_SIZE: int(cfg.per_device_train_batch_size),
-        C.TENSOR_PARALLELISM: int(cfg.tensor_parallelism),
-        C.PIPELINE_PARALLELISM: int(cfg.pipeline_parallelism),
-        C.CONTEXT_PARALLELISM: int(cfg.context_parallelism),
-        C.EXPERT_PARALLELISM: int(cfg.expert_parallelism),
+        C.TENSOR_PARALLELISM: int(parallelism["tensor"]),
+        C.PIPELINE_PARALLELISM: int(parallelism["pipeline"]),
+        C.CONTEXT_PARALLELISM: int(parallelism["context"]),
+        C.EXPERT_PARALLELISM: int(parallelism["expert"]),
         # parameters, attention and gradient reductions all run in model.dtype
         C.LOWEST_NUMERICAL_PRECISION_IN_LINEAR: PRECISIONS[cfg.model.dtype],
         C.LOWEST_NUMERICAL_PRECISION_IN_ATTN: PRECISIONS[cfg.model.dtype],
@@ -186,6 +194,7 @@ class MLPerfLogger:
         train_samples: int | None,
         warmup_steps: int,
         moe_aux_loss_coeff: float | None = None,
+        parallelism: dict[str, int] | None = None,
     ) -> None:
         """Submission keys then every hyperparameter; log between init_start and init_stop."""
         for key, value in self.submission.items():
@@ -196,6 +205,7 @@ class MLPerfLogger:
             train_samples=train_samples,
             warmup_steps=warmup_steps,
             moe_aux_loss_coeff=moe_aux_loss_coeff,
+            parallelism=parallelism,
         )
         for key, value in values.items():
             self._emit("event", key, value)

@@ -788,13 +788,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         p = plan(argv)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # Hydra's composition errors: unknown keys, bad override syntax
-        if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+    except Exception as e:  # noqa: BLE001 - usage_error picks the user's mistakes
+        if (message := config_lib.usage_error(e)) is None:
             raise
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(message, file=sys.stderr)
         return 2
     print(render(p))
     return 0 if p.fits else 1

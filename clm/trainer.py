@@ -675,6 +675,7 @@ def run(cfg: DictConfig) -> Summary:
         train_samples=None,
         warmup_steps=config_lib.warmup_steps(cfg.sched),
         moe_aux_loss_coeff=float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0),
+        parallelism=backend.parallelism,
     )
     trainer = Trainer(
         cfg, backend, model, optimizer, scheduler, train_stream, eval_set, metrics, mlperf

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import CLM, clean_env, run_clm
 
@@ -111,6 +112,35 @@ def test_bad_input_fails_in_one_line_and_keeps_previous_run(tmp_path):
     assert missing.stderr.strip().splitlines() == [
         f"error: {tmp_path}/c4-validation_24567exp.json: missing data file (also looked for .gz)"
     ]
+
+
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (
+            ["pipeline_parallelism=2"],
+            "error: pipeline_parallelism=2: not implemented by run_clm.py's backends (cpu, cuda, "
+            "torchrun FSDP2, xla); the NeMo path runs it (python -m clm.nemo.launch); use 1 here",
+        ),
+        (
+            ["tensor_parallelism=2", "expert_parallelism=2", "context_parallelism=2"],
+            "error: context_parallelism=2: not implemented by run_clm.py's backends",
+        ),
+        (
+            ["tensor_parallelism=2"],
+            "error: tensor_parallelism=2: backend=cpu in one process trains on one device; tensor "
+            "parallelism runs on backend=xla",
+        ),
+        (["cache_local_dir=/tmp"], "error: cache_local_dir=/tmp: not read by this package"),
+    ],
+)
+def test_a_key_no_backend_runs_is_refused_before_any_work(tmp_path, overrides, error):
+    """Accepted and ignored, these would train one device while the MLPerf log claimed more."""
+    proc = run_clm(tmp_path, "backend=cpu", *overrides)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(error), line
+    assert not (tmp_path / "runs").exists()
 
 
 NOT_CACHED = (

@@ -156,7 +156,20 @@ def test_every_mesh_matches_cpu(tmp_path, cpu_metrics, mesh):
     assert proc.returncode == 0, proc.stderr[-3000:]
     fsdp = devices // (tensor * expert)
     assert f"SPMD mesh fsdp={fsdp} x tensor={tensor} x expert={expert}" in proc.stdout
-    assert_losses_match(read_metrics(tmp_path / "runs" / "embedded_default"), cpu_metrics)
+    run_dir = tmp_path / "runs" / "embedded_default"
+    assert_losses_match(read_metrics(run_dir), cpu_metrics)
+    logged = {
+        record["key"]: record["value"]
+        for line in (run_dir / "mlperf_compliance.log").read_text().splitlines()
+        for record in [json.loads(line.split(":::MLLOG ", 1)[1])]
+        if record["key"].endswith("_parallelism")
+    }
+    assert logged == {  # the mesh that ran
+        "tensor_parallelism": tensor,
+        "expert_parallelism": expert,
+        "pipeline_parallelism": 1,
+        "context_parallelism": 1,
+    }
 
 
 @needs_xla
@@ -252,6 +265,24 @@ def run_xla_script(tmp_path, script: str, *args: str, devices: int = XLA_DEVICES
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+FULL_PRECISION_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch_xla.backends
+    from clm import config
+    from clm.backends import select_backend
+
+    before = torch_xla.backends.get_mat_mul_precision()
+    select_backend(config.compose(["backend=xla", f"full_precision={sys.argv[1]}"]))
+    print(json.dumps([before, torch_xla.backends.get_mat_mul_precision()]))
+    """)
+
+
+@needs_xla
+def test_full_precision_sets_xla_matmul_precision_to_highest(tmp_path):
+    assert run_xla_script(tmp_path, FULL_PRECISION_SCRIPT, "true") == ["default", "highest"]
+    assert run_xla_script(tmp_path, FULL_PRECISION_SCRIPT, "false") == ["default", "default"]
 
 
 def sharding(tmp_path, tensor: int, expert: int, devices: int = XLA_DEVICES) -> dict:

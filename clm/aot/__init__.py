@@ -70,7 +70,7 @@ from omegaconf import OmegaConf
 
 from clm import plan as plan_lib
 from clm.aot import report
-from clm.config import ConfigError
+from clm.config import ConfigError, usage_error
 
 PROGRAMS = ("eval_step", "train_step")
 CPU_RUNTIME_DEVICES = 8  # the trace's CPU runtime; its mesh has the target's device count
@@ -102,13 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         json_path, workdir, argv = _own_options(argv)
         run = _plan(argv)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # Hydra's composition errors: unknown keys, bad override syntax
-        if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+    except Exception as e:  # noqa: BLE001 - usage_error picks the user's mistakes
+        if (message := usage_error(e)) is None:
             raise
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(message, file=sys.stderr)
         return 2
     from clm.aot import compile as compile_lib
 

@@ -59,6 +59,16 @@ class Backend:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def parallelism(self) -> dict[str, int]:
+        """The model parallelism this backend runs (the MLPerf log records it): one device."""
+        return {"tensor": 1, "expert": 1, "pipeline": 1, "context": 1}
+
+    def use_full_precision(self) -> None:
+        """`full_precision=true`: float32 matmuls at full float32 precision (no TF32)."""
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
@@ -155,9 +165,47 @@ def select_backend(cfg: DictConfig) -> Backend:
     Under torchrun (WORLD_SIZE > 1) cpu and cuda mean one process per device with FSDP2
     (clm/backends/fsdp_backend.py: gloo on CPU, NCCL on CUDA).
     """
+    backend = _select(cfg)
+    if cfg.get("full_precision"):
+        backend.use_full_precision()
+    return backend
+
+
+# Keys that only the NeMo path (clm.nemo.launch: Megatron) implements.
+NEMO_ONLY = ("pipeline_parallelism", "virtual_pipeline_parallelism", "context_parallelism")
+
+
+def refuse_unimplemented(cfg: DictConfig, single_process: bool) -> None:
+    """A parallelism run_clm.py would accept and not run is a ConfigError before any work: the
+    MLPerf log records what ran, so a key must not claim what did not."""
+    for key in NEMO_ONLY:
+        value = cfg.get(key)
+        if value is not None and int(value) > 1:
+            raise ConfigError(
+                f"{key}={value}: not implemented by run_clm.py's backends (cpu, cuda, torchrun "
+                "FSDP2, xla); the NeMo path runs it (python -m clm.nemo.launch); use 1 here"
+            )
+    if single_process:
+        for key, where in (
+            ("tensor_parallelism", "backend=xla"),
+            ("expert_parallelism", "backend=xla, or torchrun with FSDP2"),
+        ):
+            if int(cfg.get(key, 1)) > 1:
+                raise ConfigError(
+                    f"{key}={cfg[key]}: backend={cfg.backend} in one process trains on one "
+                    f"device; {key.split('_')[0]} parallelism runs on {where}"
+                )
+
+
+def _select(cfg: DictConfig) -> Backend:
     from clm.backends.torch_backend import TorchBackend
 
-    if cfg.backend == "xla" or (cfg.backend == "auto" and os.environ.get("PJRT_DEVICE") == "TPU"):
+    on_xla = cfg.backend == "xla" or (
+        cfg.backend == "auto" and os.environ.get("PJRT_DEVICE") == "TPU"
+    )
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    refuse_unimplemented(cfg, single_process=not on_xla and not torchrun)
+    if on_xla:
         return _xla_backend(cfg)
     if int(cfg.get("num_slices", 1)) > 1:
         raise ConfigError(
@@ -166,7 +214,7 @@ def select_backend(cfg: DictConfig) -> Backend:
         )
     if cfg.backend == "cuda" and not torch.cuda.is_available():
         raise ConfigError("backend=cuda: no CUDA device is visible (torch.cuda.is_available())")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per device
+    if torchrun:  # one process per device
         from clm.backends.fsdp_backend import FsdpBackend
 
         use_cuda = cfg.backend == "cuda" or (cfg.backend == "auto" and torch.cuda.is_available())

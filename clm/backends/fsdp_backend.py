@@ -94,12 +94,12 @@ class FsdpBackend(Backend):
     shards_meta_model = True  # wrap_model runs on the meta model; see clm.model.build_sharded_model
 
     def __init__(self, cfg: DictConfig, device_type: str):
-        for key in ("tensor_parallelism", "context_parallelism", "pipeline_parallelism"):
-            if int(cfg.get(key, 1)) > 1:
-                raise ConfigError(
-                    f"{key}={cfg[key]}: not supported by the torchrun (FSDP2) backend; use 1 "
-                    "(expert_parallelism and data parallelism are), or backend=xla"
-                )
+        if int(cfg.get("tensor_parallelism", 1)) > 1:  # pipeline, context: refuse_unimplemented
+            raise ConfigError(
+                f"tensor_parallelism={cfg.tensor_parallelism}: not supported by the torchrun "
+                "(FSDP2) backend; use 1 (expert_parallelism and data parallelism are), or "
+                "backend=xla"
+            )
         if cfg.model.dtype not in COMPUTE_DTYPES:
             raise ConfigError(
                 f"model.dtype={cfg.model.dtype}: the torchrun (FSDP2) backend trains float32 or "
@@ -254,6 +254,10 @@ class FsdpBackend(Backend):
             dist.barrier(device_ids=[self.device.index])
         else:
             dist.barrier()
+
+    @property
+    def parallelism(self) -> dict[str, int]:
+        return {"tensor": 1, "expert": self.ep, "pipeline": 1, "context": 1}
 
     def sync(self) -> None:
         if self.device.type == "cuda":

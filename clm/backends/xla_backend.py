@@ -384,6 +384,19 @@ class XlaBackend(Backend):
     def step_boundary(self) -> None:
         torch_xla.sync()  # cut the lazy graph here and launch it (xm.mark_step)
 
+    @property
+    def parallelism(self) -> dict[str, int]:
+        """The mesh's model axes (its fsdp axis is data parallelism)."""
+        axes = self.axis_sizes
+        return {"tensor": axes["tensor"], "expert": axes["expert"], "pipeline": 1, "context": 1}
+
+    def use_full_precision(self) -> None:
+        """float32 matmuls at XLA's highest precision (a TPU's default runs them as bf16
+        passes); the TPU program's bf16 matmuls are unchanged."""
+        import torch_xla.backends
+
+        torch_xla.backends.set_mat_mul_precision("highest")
+
     def sync(self) -> None:
         torch_xla.sync()
         xm.wait_device_ops()
