@@ -321,3 +321,17 @@ def test_cli_errors_are_one_line_exit_2(args, message, tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1
+
+
+def test_the_planner_needs_neither_jax_nor_torch_xla(tmp_path):
+    """clm.plan runs where jax, jaxlib, libtpu and torch_xla cannot be imported (a laptop)."""
+    script = (
+        "import sys\n"
+        "for name in ('jax', 'jaxlib', 'libtpu', 'torch_xla', 'torchax'):\n"
+        "    sys.modules[name] = None  # import fails\n"
+        "from clm import plan\n"
+        "sys.exit(plan.main(['+experiment=gbs256_tpu', 'slice=v5p-512']))\n"
+    )
+    proc = run_python(tmp_path, "-c", script)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fits: " in proc.stdout
