@@ -25,7 +25,6 @@ PRESET = ["+experiment=gbs256_tpu"]
 CONFIGS = {
     "preset-v5p-512": [*PRESET, "slice=v5p-512"],
     "preset-v5p-256": [*PRESET, "slice=v5p-256"],
-    "preset-v5p-128": [*PRESET, "slice=v5p-128"],  # clm.plan's smallest fit
     "8l-8k-v5p-512": [*PRESET, EIGHT, "max_length=8192", "slice=v5p-512"],
     # the same program unrolled: compile time per layer, and FLOPs per step (the compiler's
     # cost analysis counts a scanned loop's body once)
