@@ -168,21 +168,43 @@ def test_parameters_match_hf_for_shipped_configs(name):
     assert plan.parameters(shape) == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
 
 
-def test_flops_match_the_metrics_formula(tiny_models):
+def test_flops_per_token_by_hand(tiny_models):
+    """mixtral_small.json, counted by hand: hidden 128, 4 layers, 4 heads of 32 (2 k/v heads),
+    8 experts of intermediate 256 (top 2), vocab 32000, untied. Per token and layer: q 128x128 +
+    k, v 128x64 each + o 128x128 = 49,152; router 128x8 = 1,024; 2 experts x 3 x 128 x 256 =
+    196,608; 2 norms 256: 247,040. Four layers 988,160 + final norm 128 + lm_head 4,096,000 =
+    5,084,288 active matmul-side parameters (the input embedding is a lookup). x6, plus
+    attention 12 x 4 x 128 x 256 = 1,572,864: 32,078,592. The metrics' formula on the built
+    model gives the same (MFUs compare)."""
     from clm.metrics import training_flops_per_token
     from clm.model import count_parameters
 
-    model = tiny_models["float32"]
     shape = plan.load_model_shape(model_cfg(config_path="mixtral_small.json"))
+    assert plan.flops_per_token(shape, 256) == 6 * 5_084_288 + 1_572_864 == 32_078_592
+    model = tiny_models["float32"]
     _, active = count_parameters(model)
-    assert plan.flops_per_token(shape, 256) == training_flops_per_token(model, active, 256)
+    assert training_flops_per_token(model, active, 256) == 32_078_592
 
 
-def test_capacity_matches_clm_moe():
+@pytest.mark.parametrize(
+    "tokens,factor,expected",
+    [
+        (32768, 1.25, 10240),  # 32768 x 2 / 8 x 1.25
+        (512, 1.0, 128),
+        (7, 3.3, 6),  # 1.75 x 3.3 = 5.775, rounded up
+        (80, 1.1, 22),  # exactly 22 (in floats 20 x 1.1 = 22.000000000000004: 23)
+        (1_048_576, 1.25, 327_680),
+        (4, 1e6, 4),  # at most T: an expert gets each token once
+        (1, 0.01, 1),  # at least 1
+    ],
+)
+def test_capacity_by_hand(tokens, factor, expected):
+    """C = ceil(T x K / E x factor), K=2, E=8, in [1, T]: the planner's and the experts' (one
+    function, clm.model_math.capacity, used by both)."""
     from clm.moe import capacity
 
-    for tokens, factor in ((32768, 1.25), (512, 1.0), (7, 3.3), (1_048_576, 1.25)):
-        assert plan.capacity(tokens, 2, 8, factor) == capacity(tokens, 2, 8, factor)
+    assert capacity is plan.capacity  # the experts count what the planner counts
+    assert plan.capacity(tokens, 2, 8, factor) == expected
 
 
 def _compose(*overrides: str):
