@@ -532,9 +532,16 @@ def test_launch_dry_run_prints_the_settings(tmp_path, prepared):
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: 3 GPUs")
 
 
-def test_every_nemo_config_file_composes():
-    for name in ("gbs256_gpu",):
-        cfg = recipe.compose([f"+experiment={name}"])
+def test_every_preset_composes_for_the_nemo_path():
+    """Each experiment preset, as the launcher composes it (with the nemo group): validated and
+    resolved, every key of the nemo group's file in the run's `nemo` node. The group has one
+    file; a second one fails here until this test composes it too."""
+    assert [p.name for p in (CLM / "config" / "nemo").glob("*.yaml")] == ["default.yaml"]
+    keys = set(OmegaConf.load(CLM / "config" / "nemo" / "default.yaml").keys())
+    presets = sorted((CLM / "config" / "experiment").glob("*.yaml"))
+    assert len(presets) >= 4
+    for preset in presets:
+        cfg = recipe.compose([f"+experiment={preset.stem}"])
         config_lib.validate(cfg)
         OmegaConf.to_container(cfg, resolve=True)
-    assert (CLM / "config" / "nemo" / "default.yaml").is_file()
+        assert keys <= set(cfg.nemo.keys()), preset.name
