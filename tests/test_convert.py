@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, clean_env, model_cfg, run_clm, tiny_mixtral_config
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from clm import checkpoint
 from clm import model as model_lib
@@ -35,6 +35,10 @@ def test_loaded_model_matches_hf(hf_dir, dtype):
     the weights and logits of transformers' own from_pretrained, also when casting."""
     cfg = model_cfg(name_or_path=str(hf_dir), dtype=dtype)
     ours = model_lib.build_model(cfg, torch.device("cpu"), 0).eval()
+    # the config translated from model.* equals HF's reading of config.json, but for this
+    # package's own attributes (clm_*: the experts' settings) and the dtype model.dtype casts to
+    translated = {k: v for k, v in ours.config.to_dict().items() if not k.startswith("clm_")}
+    assert translated == {**AutoConfig.from_pretrained(hf_dir).to_dict(), "dtype": dtype}
     # the same experts code on both sides (ours and HF's grouped_mm differ in the last bit on
     # some CPUs), so that equal logits mean equal weights
     theirs = AutoModelForCausalLM.from_pretrained(
