@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,16 @@ class MetricsWriter:
                 self._tb.add_scalar(key, value, step)
         if self.wandb is not None:  # exactly the record just written (it never raises)
             self.wandb.log(step, {k: v for k, v in record.items() if k != "step"})
+
+    def sync(self) -> None:
+        """Make every record logged so far durable (fsync): called before a checkpoint commits,
+        so that a power cut after the commit loses no record the checkpoint covers (a resume
+        keeps the records up to its step and replays none of them)."""
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._tb.flush()
 
     def close(self, exit_code: int = 0) -> None:
         """Close the writers (W&B's run with `exit_code`); a write error here (disk full) is

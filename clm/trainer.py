@@ -518,6 +518,7 @@ class Trainer:
         """Save this step; returns its directory. Synchronous, or with `async_saves` staged to
         host memory here and written by the saver's thread (committed on return with `wait`;
         otherwise the next save, or the end of the run, waits for it and raises its error)."""
+        self.metrics.sync()  # the records up to this step are on disk before it commits
         args = (checkpoint.location(self.cfg.save_dir), self.step, self.model, self.optimizer)
         args += (self.state_dict(finished),)
         kwargs = {"keep_last_n": int(self.cfg.keep_last_n), "is_main": self.backend.is_main}

@@ -336,3 +336,27 @@ def test_metrics_that_cannot_be_written_keep_the_earlier_records(tmp_path):
     assert error.startswith(f"{tmp_path / 'metrics.jsonl'}: could not append the step-4 record")
     assert "EFBIG" in error and error.endswith("the records before it are intact")
     assert steps == "[1, 2, 3]"  # the partial fourth line was cut off
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_the_metrics_are_on_disk_before_a_checkpoint_commits(tmp_path):
+    """A power cut right after a checkpoint commits loses no metrics.jsonl record up to its
+    step: the file is fsynced before the rename that commits the checkpoint (strace's record
+    of the system calls, in order, with each descriptor's path)."""
+    trace = tmp_path / "trace.txt"
+    strace = ["strace", "-f", "-y", "-qq", "-e", "signal=none", "-o", str(trace)]
+    strace += ["-e", "trace=fsync,fdatasync,rename,renameat,renameat2"]
+    args = [sys.executable, str(RUN_CLM), f"output_dir={tmp_path}", *SMALL, "progress_bar=false"]
+    proc = subprocess.run(
+        strace + args + ["max_steps=2", "save_frequency=2", "eval_frequency=2"],
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = trace.read_text().splitlines()
+    synced = [i for i, c in enumerate(calls) if "sync(" in c and "metrics.jsonl>" in c]
+    commit = [i for i, c in enumerate(calls) if "rename" in c and "step_00000002.partial" in c]
+    assert synced and commit, "\n".join(calls[-40:])
+    assert synced[0] < commit[0]
