@@ -37,7 +37,13 @@ def test_save_commit_prune_and_restore_exactly(tmp_path):
     model, opt = tiny(0)
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, step, model, opt, {"step": step}, keep_last_n=2)
-    (tmp_path / "step_00000009.partial").mkdir()  # a save that crashed half-way
+    # a save that crashed half-way: a real save's files, its largest shard cut in half and the
+    # metadata (written last) not there yet
+    partial = tmp_path / "step_00000009.partial"
+    shutil.copytree(tmp_path / "step_00000003", partial)
+    shard = max((f for f in partial.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (partial / ".metadata").unlink()
     assert [p.name for p in checkpoint.committed(tmp_path)] == ["step_00000002", "step_00000003"]
     assert checkpoint.latest(tmp_path).name == "step_00000003"
 
@@ -52,6 +58,12 @@ def test_save_commit_prune_and_restore_exactly(tmp_path):
         o.step()
     for a, b in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)  # the optimizer moments came back too
+
+    # the same step saved again replaces the crashed attempt's files
+    checkpoint.save(tmp_path, 9, model, opt, {"step": 9}, keep_last_n=2)
+    assert [p.name for p in checkpoint.committed(tmp_path)] == ["step_00000003", "step_00000009"]
+    assert not partial.exists()
+    assert checkpoint.restore(checkpoint.latest(tmp_path), other, other_opt) == {"step": 9}
 
 
 def test_corrupt_checkpoint_names_the_path_and_the_previous_one_loads(tmp_path):
