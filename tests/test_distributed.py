@@ -93,11 +93,17 @@ def run_dir(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def one(tmp_path_factory):
+def one_dir(tmp_path_factory):
+    """The run directory of the uninterrupted 1-process run."""
     tmp = tmp_path_factory.mktemp("one")
     proc = run(tmp, 1, *ONE_PROCESS)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return read_metrics(run_dir(tmp))
+    return run_dir(tmp)
+
+
+@pytest.fixture(scope="module")
+def one(one_dir):
+    return read_metrics(one_dir)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +174,31 @@ def test_expert_parallel_and_activation_checkpointing_match_one_process(tmp_path
     records = read_metrics(run_dir(tmp_path))
     assert_same_run(records, one)
     assert all(r["moe/drop_fraction"] == 0.0 for r in records if "train/loss" in r)
+
+
+@pytest.mark.parametrize("saved_by,resumed_by", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_process_count(
+    tmp_path, one_dir, two, saved_by, resumed_by
+):
+    """Step 2's checkpoint of a 2-process run goes on in 1 process, and a 1-process run's in 2
+    (the same global batch: 8 rows, 4 per rank): steps 3-6 are the uninterrupted run's, within
+    the same tolerances as two processes against one."""
+    saved = {1: one_dir, 2: two[1]}[saved_by] / "checkpoints" / "step_00000002"
+    rows = ONE_PROCESS if resumed_by == 1 else TWO_PROCESSES
+    proc = run(tmp_path, resumed_by, *rows, f"checkpoint_manager_path={saved}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"restored {saved} (step 2" in proc.stdout
+    resumed = read_metrics(run_dir(tmp_path))
+    want = [r for r in read_metrics(one_dir) if r["step"] > 2]
+    assert [r["step"] for r in resumed if "train/loss" in r] == [3, 4, 5, 6]
+    for got, ref in zip(resumed, want, strict=True):
+        for key in ("train/loss", "eval/loss"):
+            if key in ref:
+                assert abs(got[key] - ref[key]) <= LOSS_TOLERANCE, (ref["step"], key)
+        if "train/grad_norm" in ref:
+            assert got["train/grad_norm"] == pytest.approx(
+                ref["train/grad_norm"], rel=GRAD_NORM_RTOL
+            )
 
 
 def _children(pid: int) -> list[int]:
