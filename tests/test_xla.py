@@ -85,11 +85,13 @@ def cpu_metrics(cpu_run):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cpu_metrics):
-    """(xla process, xla metrics, cpu metrics) of the same 4-step run."""
+    """(xla process, xla metrics, cpu metrics) of the same 4-step run; the XLA run saves at
+    steps 2 and 4 in `xla.run_dir`."""
     xla_dir = tmp_path_factory.mktemp("xla")
-    xla = run_xla(xla_dir, *XLA_RUN)
+    xla = run_xla(xla_dir, *XLA_RUN, "save_frequency=2")
     assert xla.returncode == 0, xla.stderr[-3000:]
-    return xla, read_metrics(xla_dir / "runs" / "embedded_default"), cpu_metrics
+    xla.run_dir = xla_dir / "runs" / "embedded_default"
+    return xla, read_metrics(xla.run_dir), cpu_metrics
 
 
 def assert_losses_match(xla: list[dict], cpu: list[dict]) -> None:
@@ -218,6 +220,36 @@ def test_checkpointing_syncfree_adamw_and_a_profile(tmp_path, cpu_metrics):
     assert_losses_match(read_metrics(run_dir), cpu_metrics)
     traces = list((run_dir / "profile").glob("plugins/profile/*/*.xplane.pb"))
     assert len(traces) == 1, traces  # exactly the one step asked for
+
+
+@needs_xla
+def test_a_mesh_checkpoint_goes_on_on_fewer_devices(tmp_path, runs):
+    """Step 2 of the 4-device run (fsdp=4) restored onto 2 devices (fsdp=2, 4 rows each): the
+    CPU run's steps 3 and 4, within the parity tolerances."""
+    xla, _, cpu_metrics = runs
+    step2 = xla.run_dir / "checkpoints" / "step_00000002"
+    proc = run_xla(
+        tmp_path,
+        "backend=xla",
+        "per_device_train_batch_size=4",
+        "xla_recompile=error",
+        f"checkpoint_manager_path={step2}",
+        devices=2,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SPMD mesh fsdp=2 x tensor=1 x expert=1" in proc.stdout
+    assert f"restored {step2} (step 2" in proc.stdout
+    resumed = read_metrics(tmp_path / "runs" / "embedded_default")
+    want = [r for r in cpu_metrics if r["step"] > 2]
+    assert [r["step"] for r in resumed] == [r["step"] for r in want]
+    for got, ref in zip(resumed, want, strict=True):
+        for key in ("train/loss", "eval/loss"):
+            if key in ref:
+                assert abs(got[key] - ref[key]) <= LOSS_TOLERANCE, (ref["step"], key)
+        if "train/grad_norm" in ref:
+            assert abs(got["train/grad_norm"] - ref["train/grad_norm"]) <= (
+                GRAD_NORM_TOLERANCE * ref["train/grad_norm"]
+            )
 
 
 @needs_xla
