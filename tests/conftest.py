@@ -46,6 +46,27 @@ def run_python(tmp_path: Path, *argv: str, timeout: int = 120) -> subprocess.Com
     )
 
 
+def sigterm_after_records(
+    args: list[str], env: dict, metrics: Path, records: int, cwd: Path | None = None
+) -> tuple[int, str]:
+    """Start `args`, send SIGTERM once `metrics` (a run's metrics.jsonl) holds `records` lines,
+    and wait for it: (exit code, stderr)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= records
+    ):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stderr
+
+
 def run_clm(tmp_path: Path, *overrides: str, cwd: Path = ROOT, timeout: int = 600):
     """`python clm/run_clm.py overrides...` with output under tmp_path; returns CompletedProcess."""
     args = [sys.executable, str(RUN_CLM), f"output_dir={tmp_path / 'runs'}", "progress_bar=false"]

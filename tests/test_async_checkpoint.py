@@ -9,7 +9,6 @@ the synchronous save's one-line error, the previous checkpoint intact.
 from __future__ import annotations
 
 import resource
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import time
 
 import pytest
 import torch
-from conftest import RUN_CLM, clean_env
+from conftest import RUN_CLM, clean_env, sigterm_after_records
 from test_xla import needs_xla, run_xla_script
 
 from clm import checkpoint
@@ -85,15 +84,9 @@ def test_sigterm_then_auto_resume_is_exact_and_equals_a_synchronous_run(tmp_path
 
     run = command(tmp_path / "async", *args, "async_checkpointing=true")
     run_dir = tmp_path / "async" / "embedded_default"
-    proc = subprocess.Popen(run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
     # at step 1's record, five steps before the end: the signal always arrives mid-run
-    while time.time() < deadline and not (metrics.exists() and '"step": 1' in metrics.read_text()):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 143, stderr[-2000:]
+    returncode, stderr = sigterm_after_records(run, env, run_dir / "metrics.jsonl", records=1)
+    assert returncode == 143, stderr[-2000:]
     (line,) = stderr.strip().splitlines()
     step = int(line.split("after step ")[1].split(";")[0])
     assert line.endswith(

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import CLM, RUN_CLM, clean_env, run_clm
+from conftest import CLM, RUN_CLM, clean_env, run_clm, sigterm_after_records
 
 from clm import checkpoint
 from clm import config as config_lib
@@ -49,18 +49,9 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     args = [sys.executable, str(RUN_CLM), f"output_dir={tmp_path}", *SMALL]
     args += ["max_steps=400", "save_frequency=1000", "progress_bar=false"]
     env = clean_env(tmp_path)
-    proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
     metrics = tmp_path / "embedded_default" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (
-        metrics.exists() and metrics.read_text().count("\n") >= 3
-    ):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 143, stderr
+    returncode, stderr = sigterm_after_records(args, env, metrics, records=3)
+    assert returncode == 143, stderr
     (line,) = stderr.strip().splitlines()
     assert line.startswith("stopped: SIGTERM: stopped after step ")
     step = int(line.split("after step ")[1].split(";")[0])

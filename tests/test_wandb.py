@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
-from conftest import ROOT, RUN_CLM, clean_env
+from conftest import ROOT, RUN_CLM, clean_env, sigterm_after_records
 
 from clm import checkpoint, wandb_log
 from clm.metrics import read_metrics
@@ -52,23 +50,11 @@ def test_offline_run_holds_the_history_and_a_resume_continues_it(tmp_path):
     run_dir = tmp_path / "runs" / "embedded_default"
     cwd = tmp_path / "cwd"  # an empty working directory: nothing may appear there either
     cwd.mkdir()
-    proc = subprocess.Popen(
-        args + ["max_steps=400"],
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
     metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline and not (
-        metrics.exists() and metrics.read_text().count("\n") >= 4
-    ):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 143, stderr
+    returncode, stderr = sigterm_after_records(
+        args + ["max_steps=400"], env, metrics, records=4, cwd=cwd
+    )
+    assert returncode == 143, stderr
     stopped = stderr.strip().splitlines()[-1]
     step = int(stopped.split("stopped after step ")[1].split(";")[0])
     assert "warning: W&B" not in stderr
