@@ -175,9 +175,10 @@ def select_backend(cfg: DictConfig) -> Backend:
 NEMO_ONLY = ("pipeline_parallelism", "virtual_pipeline_parallelism", "context_parallelism")
 
 
-def refuse_unimplemented(cfg: DictConfig, single_process: bool) -> None:
+def refuse_unimplemented(cfg: DictConfig, on_xla: bool, torchrun: bool) -> None:
     """A parallelism run_clm.py would accept and not run is a ConfigError before any work: the
-    MLPerf log records what ran, so a key must not claim what did not."""
+    MLPerf log records what ran, so a key must not claim what did not. XLA runs tensor and
+    expert parallelism, torchrun (FSDP2) expert parallelism, one process neither."""
     for key in NEMO_ONLY:
         value = cfg.get(key)
         if value is not None and int(value) > 1:
@@ -185,14 +186,22 @@ def refuse_unimplemented(cfg: DictConfig, single_process: bool) -> None:
                 f"{key}={value}: not implemented by run_clm.py's backends (cpu, cuda, torchrun "
                 "FSDP2, xla); the NeMo path runs it (python -m clm.nemo.launch); use 1 here"
             )
-    if single_process:
-        for key, where in (
-            ("tensor_parallelism", "backend=xla"),
-            ("expert_parallelism", "backend=xla, or torchrun with FSDP2"),
+    if on_xla:
+        return
+    tensor, expert = int(cfg.get("tensor_parallelism", 1)), int(cfg.get("expert_parallelism", 1))
+    if torchrun and tensor > 1:
+        raise ConfigError(
+            f"tensor_parallelism={tensor}: not supported by the torchrun (FSDP2) backend; use 1 "
+            "(expert_parallelism and data parallelism are), or backend=xla"
+        )
+    if not torchrun:
+        for key, value, where in (
+            ("tensor_parallelism", tensor, "backend=xla"),
+            ("expert_parallelism", expert, "backend=xla, or torchrun with FSDP2"),
         ):
-            if int(cfg.get(key, 1)) > 1:
+            if value > 1:
                 raise ConfigError(
-                    f"{key}={cfg[key]}: backend={cfg.backend} in one process trains on one "
+                    f"{key}={value}: backend={cfg.backend} in one process trains on one "
                     f"device; {key.split('_')[0]} parallelism runs on {where}"
                 )
 
@@ -204,7 +213,7 @@ def _select(cfg: DictConfig) -> Backend:
         cfg.backend == "auto" and os.environ.get("PJRT_DEVICE") == "TPU"
     )
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    refuse_unimplemented(cfg, single_process=not on_xla and not torchrun)
+    refuse_unimplemented(cfg, on_xla, torchrun)
     if on_xla:
         return _xla_backend(cfg)
     if int(cfg.get("num_slices", 1)) > 1:

@@ -94,12 +94,7 @@ class FsdpBackend(Backend):
     shards_meta_model = True  # wrap_model runs on the meta model; see clm.model.build_sharded_model
 
     def __init__(self, cfg: DictConfig, device_type: str):
-        if int(cfg.get("tensor_parallelism", 1)) > 1:  # pipeline, context: refuse_unimplemented
-            raise ConfigError(
-                f"tensor_parallelism={cfg.tensor_parallelism}: not supported by the torchrun "
-                "(FSDP2) backend; use 1 (expert_parallelism and data parallelism are), or "
-                "backend=xla"
-            )
+        # parallelism it does not run is refused before it is built (refuse_unimplemented)
         if cfg.model.dtype not in COMPUTE_DTYPES:
             raise ConfigError(
                 f"model.dtype={cfg.model.dtype}: the torchrun (FSDP2) backend trains float32 or "

@@ -238,7 +238,6 @@ class XlaBackend(Backend):
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from clm import model as model_lib
         from clm import moe
-        from clm.model import place_all
 
         if model_lib.is_moe(model.config) and not pallas.call_jax_available():
             why = pallas.torchax_import_error() or "jax is not installed"
@@ -251,7 +250,7 @@ class XlaBackend(Backend):
         self.activations = ActivationSharding(self.mesh, self.axis_sizes)
         moe.use_sharding(self.activations)
         with torch.no_grad():  # what build_model did not place yet (a model made on the CPU)
-            place_all(model, self._place_if_on_host)
+            model_lib.place_all(model, self._place_if_on_host)
         self._use_flash_attention(model)
         self._prepare_layers(model)
         return model
