@@ -78,7 +78,7 @@ REGISTRY_KEYS = {"dense": "clm_dense", "dropping": "clm_dropping", "dropless": "
 CAPACITY_FACTOR_ATTR = "clm_moe_capacity_factor"
 GROUP_TOKENS_ATTR = "clm_moe_group_tokens"  # tokens per capacity group (None: the whole call)
 # logical dims of the buffers (`use_sharding`): [E, G*C, D] expert-major, [G, M, D] and
-# [E+1, G, C, D] group-major
+# [E, G, C, D] group-major
 EXPERT_BUFFER_DIMS = ("experts", "expert_slots", None)
 GROUPS = ("groups", None, None)
 BUFFER_DIMS = (None, "groups", None, None)
