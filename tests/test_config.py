@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from clm import config as config_lib
+from clm.backends import refuse_unimplemented
 
 SEED_TPU_COMMAND = (
     "model.config_path=mixtral822.json per_device_train_batch_size=1 optimizer=ADAMW_TORCH_XLA "
@@ -113,19 +114,57 @@ def test_benchmark_preset_rejects_wrong_device_count():
         config_lib.finalize(cfg, data_parallel_size=128)
 
 
-@pytest.mark.parametrize("name", ["gbs256_tpu", "dry_run_mixtral80", "dry_run_gpt2"])
-def test_every_preset_validates(name):
+def preset_leaves(node, prefix=""):
+    """(dotted key, value) of every value a preset file sets (its `defaults` list aside)."""
+    for key, value in node.items():
+        if key == "defaults":
+            continue
+        if isinstance(value, dict):
+            yield from preset_leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("name", ["gbs256_tpu", "dry_run_mixtral80", "dry_run_gpt2", "gbs256_gpu"])
+def test_every_preset_composes_to_its_values_and_validates(name):
+    """Every value the preset's file sets reaches the composed config (so a preset that stopped
+    applying, or a base config that overrides it, fails here); run_clm.py's presets validate,
+    and the NeMo one is refused by run_clm.py for what only NeMo runs."""
     cfg = compose_cfg([f"+experiment={name}"])
+    preset = OmegaConf.load(CLM / "config" / "experiment" / f"{name}.yaml")
+    leaves = dict(preset_leaves(OmegaConf.to_container(preset)))
+    assert leaves
+    for key, value in leaves.items():
+        assert OmegaConf.select(cfg, key) == value, (name, key)
     config_lib.validate(cfg)
+    if name == "gbs256_gpu":  # the parallelism only the NeMo path runs: refused by run_clm.py
+        assert leaves["pipeline_parallelism"] == 4
+        with pytest.raises(config_lib.ConfigError, match="pipeline_parallelism=4: not impl"):
+            refuse_unimplemented(cfg, on_xla=False, torchrun=True)
+    assert config_lib.resolve_config_file(cfg.model.config_path).is_file()
     OmegaConf.to_container(cfg, resolve=True)
 
 
 @pytest.mark.parametrize("sched", ["WarmupHoldPolicy", "CosineAnnealing"])
 @pytest.mark.parametrize("dataset", ["c4_mlperf", "c4_sample"])
 def test_groups_compose(sched, dataset):
-    cfg = compose_cfg([f"sched={sched}", f"dataset={dataset}"])
+    """Each group option brings its own keys: the schedule's name and its shape keys (the
+    warm-up from warmup_ratio x max_steps), the dataset's location and shard range."""
+    cfg = compose_cfg([f"sched={sched}", f"dataset={dataset}", "max_steps=200"])
     config_lib.validate(cfg)
-    assert cfg.dataset.dataset_name == "c4_mlperf"
+    assert cfg.sched.name == sched and cfg.sched.max_steps == 200
+    assert config_lib.warmup_steps(cfg.sched) == 10  # 0.05 x 200
+    shape_keys = {"WarmupHoldPolicy": "hold_steps", "CosineAnnealing": "constant_steps"}
+    for name, key in shape_keys.items():
+        assert (key in cfg.sched) == (name == sched), (sched, key)
+    assert cfg.dataset.dataset_name == "c4_mlperf"  # the sample is C4 in the same format
+    if dataset == "c4_mlperf":
+        assert cfg.dataset.train_dataset_path.startswith("gs://")
+        assert list(cfg.dataset.train_shards) == [768, 1024]
+    else:
+        assert cfg.dataset.train_dataset_path == str(CLM / "sample_data")
+        assert list(cfg.dataset.train_shards) == [768, 772]
+        assert list((CLM / "sample_data").glob("c4-train.00768-of-01024*"))
 
 
 def test_global_batch_includes_accumulation_and_cadence_formula():

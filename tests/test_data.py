@@ -100,10 +100,18 @@ def test_train_stream_is_deterministic_full_and_resumable(tokenizer):
 def test_train_stream_wraps_around_epochs(tmp_path, tokenizer):
     shard = tmp_path / data.train_shard_name(768)
     shard.write_text(json.dumps({"text": "one two three four five six seven eight"}) + "\n")
+    [doc] = tokenizer.encode(["one two three four five six seven eight"])
     for streaming in (True, False):
         stream = data.TrainStream([str(shard)], tokenizer, 4, 0, streaming=streaming)
         blocks = list(itertools.islice(stream.blocks(), 10))  # far more than one epoch
         assert len(blocks) == 10 and all(len(b) == 4 for b in blocks)
+        # unshuffled: the one document, epoch after epoch, packed without a gap or a repeat
+        plain = data.TrainStream([str(shard)], tokenizer, 4, 0, streaming=streaming, shuffle=False)
+        tokens = [t for b in itertools.islice(plain.blocks(), 10) for t in b]
+        assert tokens == (doc * (40 // len(doc) + 1))[:40], streaming
+        # shuffled: the same blocks (8 tokens, two whole blocks per epoch), reordered
+        assert len(doc) == 8
+        assert sorted(blocks) == sorted(tokens[i : i + 4] for i in range(0, 40, 4)), streaming
 
 
 def write_gz(path, lines):
