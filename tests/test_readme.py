@@ -1,13 +1,15 @@
-"""README.md's commands, in README order, on a fresh copy of the checkout: a new user's first
-hour. Every command of the README's bash blocks is either run (run_clm.py commands shrunk only
-by max_steps, appended last, which Hydra lets win) or skipped with the reason it cannot run
-here (a GPU, a TPU, docker, a cluster, the benchmark's data or weights). The walk lists the
-commands it expects in order, so a README change that adds, drops or reorders one fails here
-until the walk says what to do with it.
+"""README.md's commands, then those of the docs/ pages it sends a user to, page by page in
+order, on a fresh copy of the checkout: a new user's first hour. Every command of the pages'
+bash blocks is either run (run_clm.py commands shrunk only by max_steps, appended last, which
+Hydra lets win) or skipped with the reason it cannot run here (a GPU, a TPU, docker, a cluster,
+the benchmark's data or weights). The walk lists the commands it expects on each page in order,
+so a change that adds, drops, moves or reorders one fails here until the walk says what to do
+with it; a docs page with commands that the walk does not cover must say why (NOT_WALKED).
 
 A shell is modelled as a user's would be: `cd DIR` lines change the directory for the lines
-after them, `(cd DIR && ...)` does not; `python` is this venv's interpreter; `make` runs with
-PY set to it (`-o .venv/.installed`: the venv exists, nothing is installed).
+after them (and for the pages after them), `(cd DIR && ...)` does not; `python` is this venv's
+interpreter; `make` runs with PY set to it (`-o .venv/.installed`: the venv exists, nothing is
+installed).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ CHECKOUT_DIRS = ("clm", "scripts", "docs", "docker", "helm-context")
 
 
 def readme_commands(text: str) -> list[str]:
-    """The commands of the ```bash blocks, in order: continuation lines joined, comments and
-    blank lines dropped, spaces collapsed."""
+    """The commands of a page's ```bash blocks, in order: continuation lines joined, comments
+    and blank lines dropped, spaces collapsed."""
     commands = []
     for block in re.finditer(r"^( *)```bash\n(.*?)^\1```", text, re.M | re.S):
         body = textwrap.dedent(block.group(2)).replace("\\\n", " ")
@@ -48,7 +50,7 @@ def readme_commands(text: str) -> list[str]:
 
 
 class Shell:
-    """Runs README commands in a copy of the checkout, as a user's shell would."""
+    """Runs the pages' commands in a copy of the checkout, as a user's shell would."""
 
     def __init__(self, root: Path, tmp_path: Path):
         self.root = root
@@ -180,7 +182,7 @@ def xla_on_virtual_devices(shell: Shell, line: str) -> None:
 
 def wandb_offline_run(shell: Shell, line: str) -> None:
     """`make run` with W&B offline (the line's own 30 steps): the offline run in the run
-    directory, its history read back by the next README line."""
+    directory, its history read back by the next line of docs/WANDB.md."""
     ok(shell.run(line.replace("make run", f"make -o .venv/.installed run PY={sys.executable}")))
     assert list((shell.root / "runs" / "embedded_default" / "wandb").glob("offline-run-*"))
 
@@ -232,87 +234,152 @@ TPU_CLOUD = skip(
 )
 WEIGHTS = skip("needs Mixtral-8x22B's weights under /data (and ~300 GB of memory)")
 
-# (the README command, as a regular expression; what the walk does with it), in README order
-WALK = [
-    (r"make run", make_run_interrupted_then_resumed),
-    (r"make test", skip("the test suite itself")),
-    (r"python scripts/convert_checkpoint.py hf-to-dcp /data/.*", WEIGHTS),
-    (r"python clm/run_clm.py \+experiment=gbs256_tpu checkpoint_manager_path=/data/.*", WEIGHTS),
-    (r"python scripts/convert_checkpoint.py dcp-to-hf runs/<exp>/.*", WEIGHTS),
-    (r"source \.venv/bin/activate", skip("the walk runs this venv's python already")),
-    (r"python clm/run_clm.py exp_name=first_run", plain),
-    (r"\(cd clm && python run_clm.py \+experiment=dry_run_gpt2\)", gpt2_dry_run_from_inside_clm),
-    (r"python clm/run_clm.py \+experiment=gbs256_tpu --cfg job", composed_config),
-    (r"cd clm", change_directory),
-    (r"python run_clm.py model.config_path=mixtral822.json .*", skip("Mixtral-8x22B on a TPU pod")),
-    (r"python run_clm.py model.config_path=mixtral80.json .*", mixtral80_dry_run),
-    (r"cd \.\.", change_directory),
-    (r'WANDB_MODE=offline make run ARGS="wandb\.enabled=true max_steps=30"', wandb_offline_run),
-    (r"python -m clm\.wandb_log runs/embedded_default", wandb_history_equals_metrics),
-    (r"wandb sync .*", skip("uploads to W&B: needs the network and an account")),
-    (r"PJRT_DEVICE=TPU python clm/run_clm.py .*", skip("needs a TPU")),
-    (
-        r"PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 python clm/run_clm.py backend=xla .*",
-        xla_on_virtual_devices,
+# Page by page, in the order a user meets them: (the command, as a regular expression; what the
+# walk does with it), in the page's order. One shell walks them all: state carries over (the
+# W&B lines read the run `make run` wrote; the NeMo dry run reads the data prepared before it).
+WALK = {
+    "README.md": [
+        (r"make run", make_run_interrupted_then_resumed),
+        (r"make test", skip("the test suite itself")),
+        (r"source \.venv/bin/activate", skip("the walk runs this venv's python already")),
+        (r"python clm/run_clm.py exp_name=first_run", plain),
+        (
+            r"\(cd clm && python run_clm.py \+experiment=dry_run_gpt2\)",
+            gpt2_dry_run_from_inside_clm,
+        ),
+        (r"python clm/run_clm.py \+experiment=gbs256_tpu --cfg job", composed_config),
+        (r"cd clm", change_directory),
+        (
+            r"python run_clm.py model.config_path=mixtral822.json .*",
+            skip("Mixtral-8x22B on a TPU pod"),
+        ),
+        (r"python run_clm.py model.config_path=mixtral80.json .*", mixtral80_dry_run),
+        (r"cd \.\.", change_directory),
+    ],
+    "docs/CHECKPOINTS.md": [
+        (r"python scripts/convert_checkpoint.py hf-to-dcp /data/.*", WEIGHTS),
+        (
+            r"python clm/run_clm.py \+experiment=gbs256_tpu checkpoint_manager_path=/data/.*",
+            WEIGHTS,
+        ),
+        (r"python scripts/convert_checkpoint.py dcp-to-hf runs/<exp>/.*", WEIGHTS),
+    ],
+    "docs/WANDB.md": [
+        (
+            r'WANDB_MODE=offline make run ARGS="wandb\.enabled=true max_steps=30"',
+            wandb_offline_run,
+        ),
+        (r"python -m clm\.wandb_log runs/embedded_default", wandb_history_equals_metrics),
+        (r"wandb sync .*", skip("uploads to W&B: needs the network and an account")),
+    ],
+    "docs/BACKENDS.md": [
+        (r"PJRT_DEVICE=TPU python clm/run_clm.py .*", skip("needs a TPU")),
+        (
+            r"PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 python clm/run_clm.py backend=xla .*",
+            xla_on_virtual_devices,
+        ),
+    ],
+    "docs/NEMO.md": [
+        (r"docker build .*", skip("needs docker")),
+        (r"docker push .*", skip("needs docker and a registry")),
+        (
+            r"python -m clm.nemo.prepare_data --output-dir /data/.*",
+            skip("needs C4's shards in /data/c4"),
+        ),
+        (
+            r"python -m clm.nemo.launch --dry-run .* nemo.data_dir=/data/.*",
+            skip("needs /data/c4's prepared data"),
+        ),
+        (
+            r"python -m clm.nemo.prepare_data --output-dir runs/c4-megatron-sample .*",
+            nemo_sample_prepared,
+        ),
+        (
+            r"python -m clm.nemo.launch --dry-run .* nemo.data_dir=runs/c4-megatron-sample",
+            nemo_sample_dry_run,
+        ),
+        (r".*sbatch .*", GPU),
+        (r"helm install .*", GPU),
+        (r"kubectl get pods .*", GPU),
+        (r"kubectl get jobs .*", GPU),
+        (r"kubectl logs .*", GPU),
+    ],
+    "docs/TPU.md": [
+        (r"source \.venv/bin/activate", skip("the walk runs this venv's python already")),
+        (r"python -m clm.plan \+experiment=gbs256_tpu slice=v5p-512", planner(0)),
+        (r"python -m clm.plan \+experiment=gbs256_tpu slice=v5p-256", planner(0)),
+        (r"python -m clm.plan \+experiment=gbs256_tpu slice=v5p-64", planner(1)),
+        (
+            r"python -m clm\.aot \+experiment=gbs256_tpu slice=v5p-512 --json aot\.json",
+            skip(
+                "compiles the 141B-parameter program for 256 TPU chips: minutes; "
+                "tests/test_aot.py"
+            ),
+        ),
+        (r".*bash docker/tpu/build_and_push_image.sh", TPU_CLOUD),
+        (r".*bash docker/tpu/build_and_push_image.sh", TPU_CLOUD),
+        (r"python scripts/convert_checkpoint.py hf-to-dcp /data/.*", WEIGHTS),
+        (r"gcloud storage cp .*", TPU_CLOUD),
+        (r"pip install xpk", skip("installs a package from the network")),
+        *[(r"(export .*|.*scripts/tpu/xpk\.sh .*|xpk storage .*)", TPU_CLOUD)] * 8,
+        *[(r"(export .*|.*scripts/tpu/gce\.sh .*)", TPU_CLOUD)] * 8,
+        (r"export HF_HOME=/tmp .* PJRT_DEVICE=TPU .*", skip("a TPU host's environment")),
+        (
+            r"python clm/run_clm.py \+experiment=gbs256_tpu output_dir=/app/output .*",
+            skip("needs a TPU pod"),
+        ),
+        (r"make check-log LOG=results/<\.\.\.>/.*", skip("checks a pod run's results")),
+    ],
+}
+
+# docs/ pages whose bash blocks the walk leaves out, and why
+NOT_WALKED = {
+    "docs/MLPERF.md": (
+        "checks finished runs' logs; the walk checks the embedded default's log after its "
+        "`make run` (README's outputs table)"
     ),
-    (r"docker build .*", skip("needs docker")),
-    (r"docker push .*", skip("needs docker and a registry")),
-    (
-        r"python -m clm.nemo.prepare_data --output-dir /data/.*",
-        skip("needs C4's shards in /data/c4"),
+    "docs/PERFORMANCE.md": (
+        "the measurements' own commands, each beside its figures (minutes each, and they "
+        "need a model written to /tmp)"
     ),
-    (
-        r"python -m clm.nemo.launch --dry-run .* nemo.data_dir=/data/.*",
-        skip("needs /data/c4's prepared data"),
-    ),
-    (
-        r"python -m clm.nemo.prepare_data --output-dir runs/c4-megatron-sample .*",
-        nemo_sample_prepared,
-    ),
-    (
-        r"python -m clm.nemo.launch --dry-run .* nemo.data_dir=runs/c4-megatron-sample",
-        nemo_sample_dry_run,
-    ),
-    (r".*sbatch .*", GPU),
-    (r"helm install .*", GPU),
-    (r"kubectl get pods .*", GPU),
-    (r"kubectl get jobs .*", GPU),
-    (r"kubectl logs .*", GPU),
-    (r"source \.venv/bin/activate", skip("the walk runs this venv's python already")),
-    (r"python -m clm.plan \+experiment=gbs256_tpu slice=v5p-512", planner(0)),
-    (r"python -m clm.plan \+experiment=gbs256_tpu slice=v5p-256", planner(0)),
-    (r"python -m clm.plan \+experiment=gbs256_tpu slice=v5p-64", planner(1)),
-    (
-        r"python -m clm\.aot \+experiment=gbs256_tpu slice=v5p-512 --json aot\.json",
-        skip("compiles the 141B-parameter program for 256 TPU chips: minutes; tests/test_aot.py"),
-    ),
-    (r".*bash docker/tpu/build_and_push_image.sh", TPU_CLOUD),
-    (r".*bash docker/tpu/build_and_push_image.sh", TPU_CLOUD),
-    (r"python scripts/convert_checkpoint.py hf-to-dcp /data/.*", WEIGHTS),
-    (r"gcloud storage cp .*", TPU_CLOUD),
-    (r"pip install xpk", skip("installs a package from the network")),
-    *[(r"(export .*|.*scripts/tpu/xpk\.sh .*|xpk storage .*)", TPU_CLOUD)] * 8,
-    *[(r"(export .*|.*scripts/tpu/gce\.sh .*)", TPU_CLOUD)] * 8,
-    (r"export HF_HOME=/tmp .* PJRT_DEVICE=TPU .*", skip("a TPU host's environment")),
-    (
-        r"python clm/run_clm.py \+experiment=gbs256_tpu output_dir=/app/output .*",
-        skip("needs a TPU pod"),
-    ),
-    (r"make check-log LOG=results/<\.\.\.>/.*", skip("checks a pod run's results")),
-]
+}
+
+
+def page_commands(page: str) -> list[str]:
+    return readme_commands((ROOT / page).read_text())
+
+
+def walked() -> list[tuple[str, str, object]]:
+    """(page, command, step) in walking order, after checking each page's commands against
+    its walk."""
+    steps = []
+    for page, walk in WALK.items():
+        commands = page_commands(page)
+        unknown = [
+            (i, c, p)
+            for i, (c, (p, _)) in enumerate(zip(commands, walk, strict=False))
+            if not re.fullmatch(p, c)
+        ]
+        assert not unknown and len(commands) == len(walk), (
+            f"{page}'s commands changed: tell the walk what to do with each "
+            f"(first mismatch: {unknown[:1]}; {len(commands)} commands, {len(walk)} in the walk)"
+        )
+        steps += [(page, c, step) for c, (_, step) in zip(commands, walk, strict=True)]
+    return steps
+
+
+def test_every_page_with_commands_is_walked_or_says_why_not():
+    pages = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+    with_commands = {page for page in pages if page_commands(page)}
+    assert with_commands - WALK.keys() - NOT_WALKED.keys() == set(), (
+        "these pages have bash commands the walk neither runs nor excuses: add them to WALK "
+        "(in the order a user meets them) or to NOT_WALKED with the reason"
+    )
+    assert set(WALK) <= set(pages) and set(NOT_WALKED) <= set(pages)
 
 
 def test_readme_commands_in_order_on_a_fresh_checkout(tmp_path):
-    commands = readme_commands((ROOT / "README.md").read_text())
-    unknown = [
-        (i, c, p)
-        for i, (c, (p, _)) in enumerate(zip(commands, WALK, strict=False))
-        if not re.fullmatch(p, c)
-    ]
-    assert not unknown and len(commands) == len(WALK), (
-        "the README's commands changed: tell the walk what to do with each "
-        f"(first mismatch: {unknown[:1]}; {len(commands)} commands, {len(WALK)} in the walk)"
-    )
+    steps = walked()
     root = tmp_path / "checkout"
     root.mkdir()
     for name in CHECKOUT_FILES:
@@ -321,12 +388,12 @@ def test_readme_commands_in_order_on_a_fresh_checkout(tmp_path):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shell = Shell(root, tmp_path)
     report = []
-    for command, (_, step) in zip(commands, WALK, strict=True):
+    for page, command, step in steps:
         start = time.perf_counter()
         try:
             reason = step(shell, command)
         except pytest.skip.Exception as e:
             reason = str(e)
         outcome = f"skipped: {reason}" if reason else f"ran in {time.perf_counter() - start:.1f} s"
-        report.append(f"{command[:70]}: {outcome}")
+        report.append(f"{page}: {command[:60]}: {outcome}")
     print("\n".join(report))  # pytest -s shows it

@@ -51,7 +51,7 @@ Rank 0 is `xr.process_index() == 0` (it alone writes metrics and the MLPerf log,
 checkpoints); `barrier` and `any_process` run on the hosts' gloo process group (below), on
 their CPUs: agreeing on a SIGTERM every step never waits for the devices. Only the CPU runtime was available to test this: it
 runs one process per machine (torch_xla's PJRT CPU client has no multi-process mode), so the
-multi-host path is tested through its parts, not end to end (README, "Running on XLA").
+multi-host path is tested through its parts, not end to end (docs/BACKENDS.md, "Several hosts").
 
 Checkpoints: clm/checkpoint.py's DCP save/load over a CPU gloo process group with one rank per
 host (`init_process_group("gloo", init_method="xla://")`: torch_xla's rendezvous, rank =

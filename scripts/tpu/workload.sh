@@ -14,7 +14,7 @@ cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." || exit 2
 
 # the reference README's environment; each can be overridden from outside. WANDB_MODE=offline
 # applies once wandb.enabled=true is among the overrides: process 0 then writes an offline W&B
-# run into the run directory, which the copy to RESULTS_URI carries (README: Weights & Biases)
+# run into the run directory, which the copy to RESULTS_URI carries (docs/WANDB.md)
 export HF_HOME=${HF_HOME:-/tmp}
 export HYDRA_FULL_ERROR=${HYDRA_FULL_ERROR:-1}
 export WANDB_MODE=${WANDB_MODE:-offline}
