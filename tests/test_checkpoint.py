@@ -13,6 +13,7 @@ import sys
 import time
 
 import fsspec
+import golden
 import pytest
 import torch
 from conftest import RUN_CLM, clean_env, tensorboard_scalars
@@ -185,6 +186,7 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     assert "in this process (resumed at step " in again.stdout
 
     expected = read_metrics(straight / "embedded_default")
+    golden.check("embedded_default_14_steps", expected)
     resumed = read_metrics(run_dir)
     for key in ("train/loss", "train/grad_norm", "train/lr", "eval/loss"):
         want = [(r["step"], r[key]) for r in expected if key in r]

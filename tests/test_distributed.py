@@ -24,6 +24,7 @@ import sys
 import textwrap
 import time
 
+import golden
 import pytest
 from conftest import ROOT, RUN_CLM, clean_env
 
@@ -135,6 +136,11 @@ def test_two_processes_match_one(two, one):
     assert "global batch 8 x 64 tokens" in proc.stdout
     assert proc.stdout.count("Target eval loss 9.4 reached: 6 steps") == 1  # rank 0 only
     assert_same_run(read_metrics(directory), one)
+
+
+def test_two_processes_are_golden(two):
+    """The 2-rank run's numbers, bitwise, against tests/golden/ (a refactor keeps them)."""
+    golden.check("torchrun_2_ranks_6_steps", read_metrics(two[1]))
 
 
 def test_rank_zero_writes_the_logs_and_every_rank_the_checkpoint(two):

@@ -25,6 +25,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import golden
 import pytest
 import yaml
 from conftest import ROOT, clean_env
@@ -127,6 +128,7 @@ def make_run_interrupted_then_resumed(shell: Shell, line: str) -> None:
     assert f"restored {checkpoint} (step {step})" in again.stdout
     assert f"(resumed at step {step})" in again.stdout
     records = read_metrics(metrics.parent)
+    golden.check("make_run_max_steps_4", records)  # the resumed run's numbers are these
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "eval/loss" in r] == [4]  # the last step's
 
@@ -181,8 +183,11 @@ def xla_on_virtual_devices(shell: Shell, line: str) -> None:
 
 
 def wandb_offline_run(shell: Shell, line: str) -> None:
-    """`make run` with W&B offline (the line's own 30 steps): the offline run in the run
-    directory, its history read back by the next line of docs/WANDB.md."""
+    """`make run` with W&B offline, shrunk to 6 steps (the line's 30 would cost the walk a
+    minute and test nothing more): the offline run in the run directory, its history read back
+    by the next line of docs/WANDB.md."""
+    assert "max_steps=30" in line
+    line = line.replace("max_steps=30", "max_steps=6")
     ok(shell.run(line.replace("make run", f"make -o .venv/.installed run PY={sys.executable}")))
     assert list((shell.root / "runs" / "embedded_default" / "wandb").glob("offline-run-*"))
 

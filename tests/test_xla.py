@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import golden
 import pytest
 import torch
 from conftest import ROOT, clean_env, run_clm, run_python, tiny_mixtral_config
@@ -163,6 +164,14 @@ def test_xla_run_end_to_end(runs):
 def test_xla_losses_match_cpu(runs):
     _, xla, cpu = runs
     assert_losses_match(xla, cpu)
+
+
+@needs_xla
+def test_xla_and_cpu_runs_are_golden(runs):
+    """Both 4-step runs' numbers, bitwise, against tests/golden/ (a refactor keeps them)."""
+    _, xla, cpu = runs
+    golden.check("xla_4_devices_4_steps", xla)
+    golden.check("cpu_4_steps", cpu)
 
 
 # (devices, tensor, expert, rows per data-parallel device): always the same 8-row global batch
