@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -65,6 +66,37 @@ def sigterm_after_records(
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     return proc.returncode, stderr
+
+
+@contextlib.contextmanager
+def paused_while_leased(proc: subprocess.Popen, directory: Path, pids=None):
+    """Pause a starting run (SIGSTOP to `pids()`, default its own pid) once it holds
+    `directory`'s lease (clm.lease), and resume it (SIGCONT) on leaving: a second run then
+    certainly meets a live holder, which cannot finish meanwhile. Never inside one of the
+    holder's lease rounds (their lock file exists only then), which would keep the second
+    waiting for the lock instead of reading the lease."""
+    import signal
+    import time
+
+    lease, lock = directory / ".lease.json", directory / ".lease.json.lock"
+    deadline = time.time() + 300
+    stopped: list[int] = []
+    while not stopped:
+        assert proc.poll() is None and time.time() < deadline, "the run never took its lease"
+        if lease.exists():
+            stopped = list(pids()) if pids else [proc.pid]
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            if lock.exists():
+                for pid in stopped:
+                    os.kill(pid, signal.SIGCONT)
+                stopped = []
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
 
 
 def run_clm(tmp_path: Path, *overrides: str, cwd: Path = ROOT, timeout: int = 600):

@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -179,6 +180,11 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
         command(killed, train_data), env=env, capture_output=True, text=True, timeout=600
     )
     assert again.returncode == 0, again.stderr
+    # the killed run's lease is stale at once (its process is gone): taken over, one warning
+    [warning] = [line for line in again.stderr.splitlines() if "lease" in line]
+    assert warning.startswith(f"warning: {run_dir}/.lease.json: took over the lease of a run ")
+    assert f"that is gone (host {socket.gethostname()} pid {proc.pid}, started " in warning
+    assert warning.endswith(f": process {proc.pid} has exited)")
     assert f"restored {resume_from} (step " in again.stdout
     assert "data stream: epoch 0, " in again.stdout  # from the saved position, not a replay
     assert "Stopped at max_steps=14: 14 steps, 14,336 tokens, " in again.stdout
