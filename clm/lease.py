@@ -24,17 +24,19 @@ Live or stale (`judge`):
   name and the same pid, 1): live iff renewed within the holder's lease_s, its clock read with
   ours (clocks must agree to well within lease_s; NTP keeps them within milliseconds).
 
-Two takers of one stale lease never both win. Locally the stale file is renamed aside under a
-name of the taker's own, checked to be byte for byte the record judged stale (else put back:
-someone else won meanwhile), and the taker's own record is then hard-linked in, which fails if any
-file is there. On GCS the taker's record is written with ifGenerationMatch=<the stale generation>
-and a first lease with ifGenerationMatch=0, so the service decides; releases and renewals carry
-the generation they expect too.
+Two takers of one stale lease never both win. Locally each round of look, judge and write runs
+under an flock of `.lease.json.lock` (FileLease: the kernel arbitrates, and the lock goes with a
+killed process), a takeover moves the stale file aside under a name of the taker's own, checks
+it is byte for byte the record judged stale, and hard-links the taker's record in, which fails
+if any file is there. On GCS the taker's record is written with ifGenerationMatch=<the stale
+generation> and a first lease with ifGenerationMatch=0, so the service decides; releases and
+renewals name the generation they expect too.
 
-What this cannot do: stop two processes that both believe they hold a lease because one of them
-was frozen (SIGSTOP, a VM paused) for longer than lease_s on another host and then resumed; the
-frozen one finds at its next renewal that the lease is another's and stops at once (exit 1,
-`on_lost`), having written nothing in between only if it was frozen all that time.
+What this cannot do: keep apart two runs that both believe they hold a lease because one of
+them was frozen (SIGSTOP, a paused VM) on another host for longer than lease_s, so that a second
+run took its lease over, and then resumed: the resumed one finds at its next renewal (within
+5 s) that the lease is another's and stops at once (exit 1, `exit_lost`), but it may have
+written until then.
 """
 
 from __future__ import annotations
@@ -743,7 +745,7 @@ def hold(cfg, backend):
             raise error
         raise LeaseHeld(
             f"run_dir={cfg.run_dir}: the main process did not take the run directory's lease "
-            "(its error names the holder)"
+            "(its error says why: the holder, or what could not be written)"
         )
     keeper = Keeper(taken).start()
     try:

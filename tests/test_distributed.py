@@ -247,7 +247,7 @@ def test_sigterm_to_one_rank_then_the_same_command_resumes_exactly(tmp_path, two
     errors.remove(named[0])
     assert errors == [
         f"error: run_dir={directory}: the main process did not take the run directory's lease "
-        "(its error names the holder)"
+        "(its error says why: the holder, or what could not be written)"
     ]
     deadline = time.time() + 300
     while not (directory / "checkpoints" / "step_00000002").exists():

@@ -33,6 +33,7 @@ from clm.lease import (
     Keeper,
     LeaseHeld,
     Process,
+    leases_for,
     new_record,
     process_start,
 )
@@ -330,6 +331,39 @@ def test_renewal_keeps_the_lease_fresh_and_reports_a_takeover(tmp_path):
     assert lost and lost[0]["token"] == "taker" and lost[0]["host"] == "other-host"
     ours.release()
     assert path.read_bytes() == data
+
+
+def test_a_run_leases_its_run_dir_and_a_save_dir_it_may_write_elsewhere(tmp_path, gcs_bucket):
+    """Which leases a run takes (clm.lease.leases_for): its run_dir's always; save_dir's where
+    it lies outside run_dir and the run may write or delete there, as an object on gs://, a
+    file locally and on file://; none on other URLs. (gs:// on the emulator: a real bucket's
+    client would first look for credentials, 15 s without any here.)"""
+    from omegaconf import OmegaConf
+
+    def leases(**keys):
+        cfg = OmegaConf.create(
+            {"run_dir": str(tmp_path / "run"), "save_dir": str(tmp_path / "run" / "checkpoints")}
+            | {"save_frequency": 25, "overwrite_output_dir": False, "run_lease_s": 30}
+            | keys
+        )
+        return [(type(lease).__name__, lease.where, lease.lease_s) for lease in leases_for(cfg)]
+
+    run_dir = ("FileLease", str(tmp_path / "run" / LEASE_NAME), 30.0)
+    assert leases() == [run_dir]
+    assert leases(save_dir=str(tmp_path / "run")) == [run_dir]
+    assert leases(save_dir=str(tmp_path / "shared")) == [
+        run_dir,
+        ("FileLease", str(tmp_path / "shared" / LEASE_NAME), 30.0),
+    ]
+    assert leases(save_dir=f"file://{tmp_path}/shared") == leases(save_dir=str(tmp_path / "shared"))
+    assert leases(save_dir=f"{gcs_bucket}/x/ckpt/") == [
+        run_dir,
+        ("GcsLease", f"{gcs_bucket}/x/ckpt/{LEASE_NAME}", 30.0),
+    ]
+    assert leases(save_dir="memory://x") == [run_dir]
+    # nothing to write there and nothing to delete: no lease (nor a directory made for one)
+    assert leases(save_dir=str(tmp_path / "shared"), save_frequency=0) == [run_dir]
+    assert len(leases(save_dir=gcs_bucket, save_frequency=0, overwrite_output_dir=True)) == 2
 
 
 def test_overwrite_keeps_the_lease_of_a_save_dir(tmp_path, gcs_bucket):
