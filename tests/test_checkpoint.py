@@ -244,6 +244,9 @@ def test_a_run_saves_to_and_restores_from_a_url(request, tmp_path, protocol):
     )
     assert first.returncode == 0, first.stderr
     assert checkpoint.committed(url) == [f"{url}/step_00000002", f"{url}/step_00000003"]
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{root}/.lease.json")  # the save_dir's lease, released at the end
     step2 = f"{url}/step_00000002"
 
     second = subprocess.run(
