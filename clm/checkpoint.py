@@ -147,16 +147,35 @@ def _remove(where: Location) -> None:
         fs.rm(path, recursive=True)
 
 
-def remove_tree(where: str | os.PathLike) -> None:
-    """Delete a save_dir and every checkpoint in it (overwrite_output_dir)."""
+def remove_tree(where: str | os.PathLike, keep: tuple[str, ...] = ()) -> None:
+    """Delete a save_dir and every checkpoint in it (overwrite_output_dir); the entries named
+    in `keep` stay (the run's own lease, clm.lease, which must outlive the deletion)."""
     where = location(where)
     if isinstance(where, Path):
-        if where.is_dir():
+        if not where.is_dir():
+            return
+        if not keep:
             shutil.rmtree(where)
+            return
+        for entry in where.iterdir():
+            if entry.name in keep:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         return
     for ckpt in committed(where):
         _remove(ckpt)
-    _remove(where)
+    if not keep:
+        _remove(where)
+        return
+    fs, root = _fs(where)
+    fs.invalidate_cache(root)
+    if fs.isdir(root):
+        for entry in fs.ls(root, detail=False):
+            if _name(entry) not in keep:
+                fs.rm(entry, recursive=True)
 
 
 def step_dir(save_dir: Location, step: int) -> Location:

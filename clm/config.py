@@ -122,6 +122,7 @@ KEY_TYPES = {
             "target_eval_loss",
             "model.capacity_factor",
             "sched.min_lr",
+            "run_lease_s",
         ),
         "number",
     ),
@@ -285,6 +286,11 @@ def validate(cfg: DictConfig) -> None:
         warmup <= cfg.max_steps,
         f"sched.warmup_steps/warmup_ratio: a warm-up of {warmup} steps exceeds "
         f"max_steps={cfg.max_steps}",
+    )
+    lease_s = cfg.get("run_lease_s", 60)
+    _check(
+        float(lease_s) >= 1,
+        f"run_lease_s={lease_s}: must be >= 1 (seconds a lease lasts without a renewal)",
     )
     for key in ("save_frequency", "keep_last_n"):
         _check(int(cfg[key]) >= 0, f"{key}={cfg[key]}: must be >= 0 (0: off)")

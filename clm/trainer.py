@@ -2,7 +2,7 @@
 
 Order (each step may fail with a one-line error before the next costs anything):
   validate config -> backend (devices) -> derived sizes -> memory estimate (clm.memory) ->
-  run directory -> tokenizer -> eval set and train stream (data errors surface here) ->
+  the run directory's lease (clm.lease) -> run directory -> tokenizer -> eval set and train stream (data errors surface here) ->
   model (meta -> device -> init) -> optimizer and schedule -> restore -> W&B (main process,
   optional; never fails the run) -> loop.
 
@@ -43,6 +43,7 @@ from tqdm import tqdm
 from clm import checkpoint, memory, optim, wandb_log
 from clm import config as config_lib
 from clm import data as data_lib
+from clm import lease as lease_lib
 from clm import model as model_lib
 from clm.backends import Backend, select_backend
 from clm.metrics import MetricsWriter, peak_tflops, training_flops_per_token
@@ -105,7 +106,8 @@ def prepare_run_dir(cfg: DictConfig, backend: Backend) -> tuple[Path, Path | Non
     checkpoint) holds nothing to keep: its files are replaced.
 
     With several processes every one decides from the same files, then (after a barrier) only
-    the main one changes them, and the others wait for it.
+    the main one changes them, and the others wait for it. run() calls it holding the run's
+    lease (clm.lease), so no other live run uses these files.
     """
     run_dir = Path(cfg.run_dir)
     save_dir = checkpoint.location(cfg.save_dir)  # a local path or an fsspec URL (gs://)
@@ -151,8 +153,8 @@ def _apply_run_dir_decision(
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    if clear:
-        checkpoint.remove_tree(save_dir)
+    if clear:  # the lease stays: this run holds it (a save_dir elsewhere has its own)
+        checkpoint.remove_tree(save_dir, keep=(lease_lib.LEASE_NAME,))
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -621,6 +623,14 @@ def run(cfg: DictConfig) -> Summary:
     backend = select_backend(cfg)
     config_lib.finalize(cfg, backend.data_parallel_size)
     memory.check(cfg, backend)  # before anything is written or built
+    # one run per run directory (clm.lease): taken before prepare_run_dir looks at the files,
+    # held until the run ends however it ends; while another run holds it: exit 2 naming it
+    with lease_lib.hold(cfg, backend):
+        return _run(cfg, backend)
+
+
+def _run(cfg: DictConfig, backend: Backend) -> Summary:
+    """run()'s work once the run directory is this run's."""
     run_dir, resume_from, resume_step = prepare_run_dir(cfg, backend)
     if backend.is_main:
         OmegaConf.save(OmegaConf.create(config_lib.redacted(cfg)), run_dir / "config.yaml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -65,6 +66,37 @@ def sigterm_after_records(
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     return proc.returncode, stderr
+
+
+@contextlib.contextmanager
+def paused_while_leased(proc: subprocess.Popen, directory: Path, pids=None):
+    """Pause a starting run (SIGSTOP to `pids()`, default its own pid) once it holds
+    `directory`'s lease (clm.lease), and resume it (SIGCONT) on leaving: a second run then
+    certainly meets a live holder, which cannot finish meanwhile. Never inside one of the
+    holder's lease rounds (their lock file exists only then), which would keep the second
+    waiting for the lock instead of reading the lease."""
+    import signal
+    import time
+
+    lease, lock = directory / ".lease.json", directory / ".lease.json.lock"
+    deadline = time.time() + 300
+    stopped: list[int] = []
+    while not stopped:
+        assert proc.poll() is None and time.time() < deadline, "the run never took its lease"
+        if lease.exists():
+            stopped = list(pids()) if pids else [proc.pid]
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            if lock.exists():
+                for pid in stopped:
+                    os.kill(pid, signal.SIGCONT)
+                stopped = []
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
 
 
 def run_clm(tmp_path: Path, *overrides: str, cwd: Path = ROOT, timeout: int = 600):
@@ -142,21 +174,75 @@ def _move_object(request, response, storage, *args, **kwargs):
     response.json(moved)
 
 
+def _precondition_failed(request, storage) -> bool:
+    """Whether a request's `ifGenerationMatch` does not hold (0: the object must not exist).
+
+    GCS refuses such a write or delete with 412; gcp-storage-emulator (2026.7.19) ignores the
+    parameter and answers 200 (e.g. `POST /upload/storage/v1/b/b/o?uploadType=media&name=lease
+    &ifGenerationMatch=0` onto an existing object replaces it), so the fixture checks it itself."""
+    from gcp_storage_emulator.exceptions import NotFound
+
+    wanted = request.query.get("ifGenerationMatch")
+    if not wanted:
+        return False
+    name = request.params.get("object_id") or (request.query.get("name") or [None])[0]
+    if name is None and isinstance(request.data, dict):  # a multipart upload names it inside
+        name = request.data["meta"].get("name")
+    try:
+        current = str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
+    except NotFound:
+        current = "0"
+    return current != wanted[0]
+
+
+def _with_preconditions(handler):
+    """`handler` (an upload or a delete) with GCS's generation preconditions; the emulator
+    serves one request at a time, so the check and the write are one step."""
+    from http import HTTPStatus
+
+    def checked(request, response, storage, *args, **kwargs):
+        _ = request.data  # read the body before answering, as the service does
+        if _precondition_failed(request, storage):
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            response.json(
+                {
+                    "error": {
+                        "code": 412,
+                        "message": "At least one of the pre-conditions you specified did not hold.",
+                        "errors": [{"reason": "conditionNotMet"}],
+                    }
+                }
+            )
+            return
+        return handler(request, response, storage, *args, **kwargs)
+
+    return checked
+
+
 @pytest.fixture(scope="session")
 def gcs_bucket():
     """gs://clm-test-bucket on a GCS JSON API emulator in this process (gcp-storage-emulator,
     in memory), reached by the real gcsfs client through STORAGE_EMULATOR_HOST, which
-    subprocesses inherit (`clean_env`). Yields the bucket's URL."""
+    subprocesses inherit (`clean_env`). Two things the emulator lacks are added here: objects.move
+    and the generation preconditions (`_precondition_failed`). Yields the bucket's URL."""
     import socket
 
     from gcp_storage_emulator import server as emulator
+    from gcp_storage_emulator.handlers import objects
 
     route = (
         r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
         r"(?P<dest>.*[^/]+)$",
         {emulator.POST: _move_object},
     )
-    emulator.HANDLERS = (route, *emulator.HANDLERS)
+    checked = {objects.insert, objects.delete}  # uploads and deletes: clm.lease's preconditions
+    emulator.HANDLERS = (
+        route,
+        *(
+            (regex, {m: _with_preconditions(h) if h in checked else h for m, h in calls.items()})
+            for regex, calls in emulator.HANDLERS
+        ),
+    )
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]

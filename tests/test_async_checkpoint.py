@@ -130,7 +130,9 @@ def test_a_failed_background_write_stops_the_run_and_keeps_the_previous_one(tmp_
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
     )
     assert again.returncode == 1, again.stderr[-2000:]
-    (line,) = again.stderr.strip().splitlines()
+    took_over, line = again.stderr.strip().splitlines()  # first: the killed run's lease
+    assert took_over.startswith(f"warning: {run_dir}/.lease.json: took over the lease of a run ")
+    assert took_over.endswith(f": process {first.pid} has exited)")
     assert line.startswith(f"error: {step4}: could not write the checkpoint (EFBIG: File too large")
     assert line.endswith(
         f"the previous checkpoint {step2} is intact; free space and rerun the same command to "

@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -180,6 +181,11 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
         command(killed, train_data), env=env, capture_output=True, text=True, timeout=600
     )
     assert again.returncode == 0, again.stderr
+    # the killed run's lease is stale at once (its process is gone): taken over, one warning
+    [warning] = [line for line in again.stderr.splitlines() if "lease" in line]
+    assert warning.startswith(f"warning: {run_dir}/.lease.json: took over the lease of a run ")
+    assert f"that is gone (host {socket.gethostname()} pid {proc.pid}, started " in warning
+    assert warning.endswith(f": process {proc.pid} has exited)")
     assert f"restored {resume_from} (step " in again.stdout
     assert "data stream: epoch 0, " in again.stdout  # from the saved position, not a replay
     assert "Stopped at max_steps=14: 14 steps, 14,336 tokens, " in again.stdout
@@ -240,6 +246,9 @@ def test_a_run_saves_to_and_restores_from_a_url(request, tmp_path, protocol):
     )
     assert first.returncode == 0, first.stderr
     assert checkpoint.committed(url) == [f"{url}/step_00000002", f"{url}/step_00000003"]
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{root}/.lease.json")  # the save_dir's lease, released at the end
     step2 = f"{url}/step_00000002"
 
     second = subprocess.run(

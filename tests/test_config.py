@@ -191,6 +191,8 @@ def test_global_batch_includes_accumulation_and_cadence_formula():
         ("num_slices=0", "num_slices=0: must be a positive integer"),
         ("num_slices=two", "num_slices=two: must be an integer"),
         ("async_checkpointing=yes", "async_checkpointing=yes: must be auto, true or false"),
+        ("run_lease_s=0", "run_lease_s=0: must be >= 1 (seconds a lease lasts"),
+        ("run_lease_s=soon", "run_lease_s=soon: must be a number"),
         ("wandb.enabled=yes", "wandb.enabled=yes: must be true or false"),
         ("wandb.tags=ci", "wandb.tags=ci: must be a list"),
         ("wandb.tags=[ci,'']", "wandb.tags: '' is not a tag"),

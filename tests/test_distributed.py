@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -26,7 +27,7 @@ import time
 
 import golden
 import pytest
-from conftest import ROOT, RUN_CLM, clean_env
+from conftest import ROOT, RUN_CLM, clean_env, paused_while_leased
 
 from clm import checkpoint
 from clm.metrics import read_metrics
@@ -223,7 +224,11 @@ def _children(pid: int) -> list[int]:
 
 
 def test_sigterm_to_one_rank_then_the_same_command_resumes_exactly(tmp_path, two):
-    """SIGTERM reaches one worker only: both stop after the same step, save, and resume."""
+    """SIGTERM reaches one worker only: both stop after the same step, save, and resume.
+
+    Before that, the same command started again while the run holds its run directory's lease:
+    both of its ranks exit 2 at once (rank 0 naming the holder, rank 1 learning of it from rank
+    0 instead of waiting at a barrier), and the first run goes on untouched (bitwise below)."""
     _, straight = two
     args = [*torchrun(), str(RUN_CLM), f"output_dir={tmp_path / 'runs'}", *COMMON, *TWO_PROCESSES]
     proc = subprocess.Popen(
@@ -236,6 +241,20 @@ def test_sigterm_to_one_rank_then_the_same_command_resumes_exactly(tmp_path, two
         start_new_session=True,
     )
     directory = run_dir(tmp_path)
+    with paused_while_leased(proc, directory, pids=lambda: _children(proc.pid)):
+        second = run(tmp_path, 2, *TWO_PROCESSES, "overwrite_output_dir=true")
+        holder = json.loads((directory / ".lease.json").read_text())["pid"]
+    assert second.returncode != 0
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    named = [line for line in errors if line.startswith(f"error: run_dir={directory} is in use: ")]
+    assert len(errors) == 2 and len(named) == 1, second.stderr[-3000:]
+    assert f"the run of host {socket.gethostname()} pid {holder} (started " in named[0]
+    assert holder in _children(proc.pid)  # the first run's rank 0
+    errors.remove(named[0])
+    assert errors == [
+        f"error: run_dir={directory}: the main process did not take the run directory's lease "
+        "(its error says why: the holder, or what could not be written)"
+    ]
     deadline = time.time() + 300
     while not (directory / "checkpoints" / "step_00000002").exists():
         assert time.time() < deadline and proc.poll() is None, "no checkpoint at step 2"

@@ -275,7 +275,10 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path):
     again = rerun(400, preexec_fn=_file_size_limit(5_000_000))
     assert again.returncode == 1, again.stderr[-2000:]
     step2, step4 = (run_dir / "checkpoints" / f"step_0000000{n}" for n in (2, 4))
-    assert again.stderr.strip().splitlines() == [
+    took_over, *lines = again.stderr.strip().splitlines()  # the killed run's lease
+    assert took_over.startswith(f"warning: {run_dir}/.lease.json: took over the lease of a run ")
+    assert took_over.endswith(f": process {first.pid} has exited)")
+    assert lines == [
         f"error: {step4}: could not write the checkpoint (EFBIG: File too large; "
         + again.stderr.split("File too large; ")[1].split(")")[0]
         + f"); the previous checkpoint {step2} is intact; "

@@ -6,13 +6,14 @@ import gzip
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CLM, clean_env, run_clm
+from conftest import CLM, ROOT, RUN_CLM, clean_env, paused_while_leased, run_clm
 
 from clm.metrics import read_metrics
 from clm.mlperf import check_log
@@ -21,9 +22,35 @@ FAST = ["max_length=128", "n_eval_examples=20", "target_eval_loss=0"]
 
 
 def test_embedded_default_few_steps_writes_the_run_directory(tmp_path):
-    proc = run_clm(tmp_path, *FAST, "max_steps=12", "eval_frequency=4", "do_first_eval=true")
-    assert proc.returncode == 0, proc.stderr
+    """A run of the embedded default writes the whole run directory. A second run started on
+    it meanwhile, as `make run` starts one (overwrite_output_dir=true), exits 2 naming the
+    first and deletes nothing: the first ends normally, every record and file in place."""
+    overrides = [*FAST, "max_steps=12", "eval_frequency=4", "do_first_eval=true"]
+    args = [sys.executable, str(RUN_CLM), f"output_dir={tmp_path / 'runs'}", "progress_bar=false"]
     run_dir = tmp_path / "runs" / "embedded_default"
+    proc = subprocess.Popen(
+        args + overrides,
+        cwd=ROOT,
+        env=clean_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with paused_while_leased(proc, run_dir):
+        second = run_clm(tmp_path, *overrides, "overwrite_output_dir=true")
+    proc.stdout, proc.stderr = proc.communicate(timeout=600)
+    assert second.returncode == 2, second.stderr
+    [line] = second.stderr.splitlines()
+    assert line.startswith(
+        f"error: run_dir={run_dir} is in use: the run of host {socket.gethostname()} pid "
+        f"{proc.pid} (started "
+    )
+    assert line.endswith(
+        f"its process is running) holds {run_dir}/.lease.json; wait for it to end, stop it "
+        f"(kill {proc.pid}), or choose another exp_name"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert not (run_dir / ".lease.json").exists()  # released at the end
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["global_train_batch_size"] == 8 and saved["run_dir"] == str(run_dir)
     records = read_metrics(run_dir)
