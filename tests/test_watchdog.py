@@ -1,15 +1,24 @@
 """The step watchdog (clm/watchdog.py): its bounds, its one line, what it writes before the exit,
-and the heartbeats that name a lost peer."""
+the heartbeats that name a lost peer, and the XLA hosts' gloo group losing a host.
+
+The end-to-end runs of two torchrun-style processes (kill -9 and SIGSTOP of a rank, then the
+same command resuming exactly) are in tests/test_distributed.py, beside the uninterrupted
+2-process run they compare with.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
 import pytest
+from conftest import ROOT, clean_env
 from omegaconf import OmegaConf
 
 from clm import watchdog
@@ -141,3 +150,86 @@ def test_heartbeats_name_the_peer_that_stopped_and_the_store_host_when_it_is_gon
     finally:
         for beats in ranks:
             beats.stop()
+
+
+# The XLA backend's hosts: torch_xla 2.9's CPU runtime runs one process per machine (its PJRT
+# CPU client has no multi-process mode: two processes started with RANK/WORLD_SIZE each report
+# xr.process_count() == 1 and process_index() == 0), so two "hosts" are two processes whose
+# torch_xla is told it is one of two (process_count/process_index), and what runs between them
+# is the real code path: XlaBackend's gloo group over the xla:// rendezvous (a TCPStore on host
+# 0), its barrier and any_process, and the watchdog built for an xla backend.
+XLA_HOSTS = textwrap.dedent("""
+    import os, sys, time, types
+    import torch_xla.runtime as xr
+    xr.process_count = lambda: 2
+    xr.process_index = lambda: int(os.environ["RANK"])
+    xr.use_spmd()
+    from omegaconf import OmegaConf
+    from clm.backends.xla_backend import XlaBackend, _host_process_group
+    from clm.watchdog import Watchdog, collective_timeout
+
+    cfg = OmegaConf.create({"step_timeout_s": 2, "first_step_timeout_s": 30})
+    host = types.SimpleNamespace(
+        process_group=_host_process_group(collective_timeout(cfg)), name="xla",
+        compile_count=lambda: 0)
+    watch = Watchdog.for_run(cfg, host)
+    assert watch.peer == "host" and watch.heartbeats is not None
+    for step in range(1, 100000):
+        watch.begin("step", f"step {step}", "collective")
+        try:
+            XlaBackend.any_process(host, False)
+            XlaBackend.barrier(host)
+        except Exception as error:
+            watch.on_error(error)
+            raise
+        watch.end()
+        if step == 20:
+            print("READY", flush=True)
+        time.sleep(0.02)
+    """)
+
+
+def test_a_dead_xla_host_ends_the_other_in_bounded_time_naming_it(tmp_path):
+    """kill -9 of host 1 while both sit in the hosts' group's collectives: host 0 exits 1 with
+    one line naming host 1, within the first bound plus 30 s."""
+    env = clean_env(tmp_path)
+    env.update(PYTHONPATH=str(ROOT), PJRT_DEVICE="CPU", MASTER_ADDR="127.0.0.1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(probe.getsockname()[1])
+    hosts = []
+    try:
+        for rank in (0, 1):
+            with open(tmp_path / f"host{rank}.out", "w") as out:  # the child keeps its copy
+                hosts.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", XLA_HOSTS],
+                        cwd=ROOT,
+                        env={**env, "RANK": str(rank)},
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + 120
+        while "READY" not in (tmp_path / "host0.out").read_text():
+            assert time.monotonic() < deadline and hosts[0].poll() is None, (
+                tmp_path / "host0.out"
+            ).read_text()[-3000:]
+            time.sleep(0.05)
+        killed = time.monotonic()
+        hosts[1].kill()
+        assert hosts[0].wait(timeout=30 + 30) == 1
+        assert time.monotonic() - killed <= 30 + 30
+        lines = (tmp_path / "host0.out").read_text().splitlines()
+        errors = [line for line in lines if line.startswith("error:")]
+        assert len(errors) == 1 and not any("Traceback" in line for line in lines), lines
+        assert re.fullmatch(
+            r"error: step \d+: a collective failed while waiting for collective \(.+\); "
+            rf"host 1 \(pid {hosts[1].pid} on .+\) sent no heartbeat for [\d.]+ s: lost or hung",
+            errors[0],
+        ), errors[0]
+    finally:
+        for proc in hosts:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
