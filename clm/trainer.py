@@ -487,6 +487,7 @@ class Trainer:
             self.watch.on_error(error)
             raise
         finally:
+            self.watch.idle()  # what follows an error is not a step, eval or save
             if self.saver is not None:  # an error on its way out: a save in flight ends first
                 self.saver.finish(failing)
             for signum, handler in previous_handlers.items():

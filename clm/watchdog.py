@@ -171,7 +171,8 @@ class Watchdog:
             store=store,
             peer="host" if backend.name == "xla" else "rank",
             hint=(
-                " (rerun the same command on every process to resume from the latest checkpoint)"
+                f" (rerun the same command{' on every process' if world > 1 else ''} to resume "
+                "from the latest checkpoint)"
                 if cfg.get("save_frequency")
                 else ""
             ),
@@ -377,11 +378,13 @@ class Heartbeats:
 
     def read(self) -> dict[int, str | None]:
         """Every rank's heartbeat (None: none yet); raises when the store does not answer."""
-        found = {}
-        for rank in range(self.world_size):
-            key = str(rank)
-            found[rank] = self.store.get(key).decode() if self.store.check([key]) else None
-        return found
+        keys = [str(rank) for rank in range(self.world_size)]
+        if self.store.check(keys):  # one round trip for all (thousands of ranks)
+            return {rank: value.decode() for rank, value in enumerate(self.store.multi_get(keys))}
+        return {
+            rank: self.store.get(key).decode() if self.store.check([key]) else None
+            for rank, key in enumerate(keys)
+        }
 
     def lost(self, peer: str = "rank") -> str:
         """Which other processes sent no heartbeat over HEARTBEAT_WINDOW periods, in words; or
