@@ -25,11 +25,13 @@ and `end()` records how long it took. A thread compares the time spent with the 
 Both are config keys; `step_timeout_s=0` turns the watchdog off (no thread, no heartbeat, torch's
 default collective timeouts). Process groups are created with `collective_timeout` (what any one
 collective may wait: `first_step_timeout_s`, the time a peer may spend compiling), so a hang
-inside a collective after warm-up is the watchdog's to report, not gloo's or NCCL's.
+inside a collective after warm-up is the watchdog's to report, not gloo's or NCCL's (the
+sub-groups DeviceMesh makes for expert parallelism keep torch's default: the watchdog bounds
+them all the same).
 
 Peers: with several processes each one's heartbeat thread rewrites its key in the default process
 group's store (TCPStore: rank 0's on env:// and xla://, torchrun's agent under torchrun) every
-`heartbeat_s`. When the bound expires, or a collective raises on the training thread, the process
+`heartbeat_s` (step_timeout_s / 10, within 0.5..5 s). When the bound expires, or a collective raises on the training thread, the process
 reads every heartbeat twice, `2.5 x heartbeat_s` apart, and names the ranks whose heartbeat did not
 move (dead, or stopped: neither thread of theirs runs), with the pid and host they reported; if
 the store does not answer, its host (rank 0) is the one gone. Comparing two reads, not timestamps,
@@ -39,7 +41,9 @@ The end: one line on stderr (`error: step N: no progress for X s (bound Y s) whi
 collective; rank 1 (pid P on H) sent no heartbeat for Z s: lost or hung`), then what can be
 written is (metrics.jsonl flushed and fsynced, the MLPerf log's aborted `run_stop`, once, W&B
 finished), within `WRITE_OUT_S`, and the process exits 1 with `os._exit`: the training thread is
-stuck, so nothing may wait for it. A checkpoint is never left half-committed: a save commits by
+stuck, so nothing may wait for it. From the moment it decides to end until its line, stderr is
+muted: c10d prints a C++ backtrace for every store or collective call of any thread that meets a
+closed connection. A checkpoint is never left half-committed: a save commits by
 an atomic rename (a `COMMITTED` marker written last on object stores), so an exit mid-save leaves
 the previous checkpoint the latest (clm/checkpoint.py), and the same command resumes from it.
 """
