@@ -59,6 +59,7 @@ torch_xla's SPMDLoadPlanner calls `torch.load` with torch 2.9's default, True).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import json
 import os
@@ -441,9 +442,12 @@ class AsyncSaver:
     (or any other error) there; every process learns the outcome, as with `save`.
     """
 
-    def __init__(self) -> None:
-        # every process creates it at the same point (new_group is collective); none alone
-        self.process_group = dist.new_group(backend="gloo") if _collective(None) else None
+    def __init__(self, timeout: datetime.timedelta | None = None) -> None:
+        # every process creates it at the same point (new_group is collective); none alone.
+        # `timeout`: what one of its collectives may wait (the run's, clm.watchdog)
+        self.process_group = None
+        if _collective(None):
+            self.process_group = dist.new_group(backend="gloo", timeout=timeout)
         self._thread: threading.Thread | None = None
         self._result: Location | None = None
         self._error: BaseException | None = None

@@ -123,6 +123,8 @@ KEY_TYPES = {
             "model.capacity_factor",
             "sched.min_lr",
             "run_lease_s",
+            "step_timeout_s",
+            "first_step_timeout_s",
         ),
         "number",
     ),
@@ -294,6 +296,19 @@ def validate(cfg: DictConfig) -> None:
     )
     for key in ("save_frequency", "keep_last_n"):
         _check(int(cfg[key]) >= 0, f"{key}={cfg[key]}: must be >= 0 (0: off)")
+    # clm/watchdog.py (seconds); the first bound is also the process groups' collective timeout
+    step_timeout = float(cfg.get("step_timeout_s", 0))
+    _check(
+        math.isfinite(step_timeout) and step_timeout >= 0,
+        f"step_timeout_s={cfg.get('step_timeout_s')}: must be a finite number of seconds >= 0 "
+        "(0: no watchdog)",
+    )
+    first_timeout = float(cfg.get("first_step_timeout_s", 1))
+    _check(
+        math.isfinite(first_timeout) and first_timeout > 0,
+        f"first_step_timeout_s={cfg.get('first_step_timeout_s')}: must be a finite number of "
+        "seconds > 0",
+    )
     async_saves = cfg.get("async_checkpointing", "auto")
     _check(
         async_saves == "auto" or isinstance(async_saves, bool),

@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from mlperf_logging.mllog import constants as C
@@ -158,6 +159,7 @@ class MLPerfLogger:
         self.enabled = enabled
         self.submission = submission_info(cfg)  # on every rank, so a bad value fails everywhere
         self._run_stopped = False
+        self._stop_lock = threading.Lock()
         self._handler: logging.Handler | None = None
         if not enabled:
             return
@@ -241,14 +243,16 @@ class MLPerfLogger:
         self._emit("event", TRAIN_LOSS, float(loss), metadata={C.SAMPLES_COUNT: int(samples_count)})
 
     def run_stop(self, status: str, samples_count: int) -> None:
-        """End of the timed run, "success" or "aborted"; only the first call is logged."""
+        """End of the timed run, "success" or "aborted"; only the first call is logged, also when
+        two threads call it at once."""
         if status not in RUN_STATUSES:
             raise ValueError(f"run_stop status={status!r}: must be one of {RUN_STATUSES}")
-        if self._run_stopped:
-            return
-        self._run_stopped = True
-        metadata = {C.SAMPLES_COUNT: int(samples_count), C.STATUS: status}
-        self._emit("end", C.RUN_STOP, metadata=metadata)
+        with self._stop_lock:  # the watchdog's thread may stop the run (clm.watchdog)
+            if self._run_stopped:
+                return
+            self._run_stopped = True
+            metadata = {C.SAMPLES_COUNT: int(samples_count), C.STATUS: status}
+            self._emit("end", C.RUN_STOP, metadata=metadata)
 
     def close(self) -> None:
         """Flush and close the file; safe to call twice. Does not log run_stop."""

@@ -49,6 +49,7 @@ from clm.backends import Backend, select_backend
 from clm.metrics import MetricsWriter, peak_tflops, training_flops_per_token
 from clm.mlperf import MLPerfLogger, compliance_path
 from clm.tokenizer import load_tokenizer
+from clm.watchdog import Watchdog, collective_timeout
 
 RUN_DIR_OUTPUTS = (
     "metrics.jsonl",
@@ -180,6 +181,7 @@ class Trainer:
         eval_set: data_lib.EvalSet,
         metrics: MetricsWriter,
         mlperf: MLPerfLogger,
+        watchdog: Watchdog | None = None,
     ):
         self.cfg = cfg
         self.backend = backend
@@ -216,6 +218,8 @@ class Trainer:
         # the step of the latest save this process started, and where it goes
         self.saved_step: int | None = None
         self.saved_at: checkpoint.Location | None = None
+        # bounds each step, eval and save (clm/watchdog.py); a bare one does nothing
+        self.watch = watchdog or Watchdog()
 
     # ---- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -227,8 +231,9 @@ class Trainer:
         for batch in self.eval_set.batches(self.cfg.global_eval_batch_size):
             self.eval_step(batch, total, count)
             self.backend.step_boundary()  # XLA: one graph per eval batch, compiled once
-        total = self.backend.all_reduce_sum(total)
-        count = self.backend.all_reduce_sum(count)
+        with self.watch.waiting("collective"):
+            total = self.backend.all_reduce_sum(total)
+            count = self.backend.all_reduce_sum(count)
         self.model.train()
         return float(total / count)
 
@@ -272,7 +277,8 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         # the step's loss is sum(NLL) / (target tokens in the whole global batch)
         targets = (batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()
-        targets = self.backend.all_reduce_sum(targets.to(self.backend.device)).clamp(min=1)
+        with self.watch.waiting("collective"):
+            targets = self.backend.all_reduce_sum(targets.to(self.backend.device)).clamp(min=1)
         nll_total = torch.zeros((), device=self.backend.device)
         aux_total = torch.zeros((), device=self.backend.device)
         for i in range(accum):
@@ -289,7 +295,8 @@ class Trainer:
             loss.backward()
             nll_total += nll.detach()
         max_norm = float(cfg.max_grad_norm) if cfg.max_grad_norm else math.inf
-        grad_norm = self.backend.clip_grad_norm_(self.model, max_norm)
+        with self.watch.waiting("collective"):  # the norm's sum over the processes' shards
+            grad_norm = self.backend.clip_grad_norm_(self.model, max_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -302,13 +309,16 @@ class Trainer:
         if not read:
             return {"train/lr": lr}
         # the one host<->device sync of the step: read the scalars we log
+        with self.watch.waiting("collective"):
+            nll_total = self.backend.all_reduce_sum(nll_total)
+            if self.is_moe:
+                aux_total = self.backend.all_reduce_sum(aux_total) / self.aux_groups
         values = {
-            "train/loss": float(self.backend.all_reduce_sum(nll_total) / targets),
+            "train/loss": float(nll_total / targets),
             "train/grad_norm": float(grad_norm),
             "train/lr": lr,
         }
         if self.is_moe:
-            aux_total = self.backend.all_reduce_sum(aux_total) / self.aux_groups
             values["train/aux_loss"] = float(aux_total)
             from clm.moe import moe_metrics
 
@@ -364,7 +374,9 @@ class Trainer:
             if benchmark:
                 self.mlperf.eval_start(samples())
             compiles = self.backend.compile_count()
+            self.watch.begin("eval", f"the eval at step {self.step}", self.backend.compute_phase)
             loss = self.evaluate()
+            self.watch.end()
             self._watch_compiles(f"the eval at step {self.step}", self.evals_done >= 1, compiles)
             self.evals_done += 1
             self.eval_losses.append((self.step, loss))
@@ -389,6 +401,9 @@ class Trainer:
         previous_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
         self.backend.barrier()
         self.mlperf.run_start()
+        # a step, eval or save that stops making progress ends the process (clm/watchdog.py),
+        # after writing the metrics so far and an aborted run_stop
+        self.watch.attach(self.metrics, self.mlperf, samples)
         failing = True  # until the loop and the final save are done
         try:
             reached = cfg.do_first_eval and run_eval()
@@ -396,7 +411,9 @@ class Trainer:
             if not reached:
                 self.mlperf.block_start(samples())
             while not reached and self.step < cfg.max_steps:
+                self.watch.begin("step", f"step {self.step + 1}", "data")
                 batch = self.backend.local_rows(next(batches), cfg.gradient_accumulation_steps)
+                self.watch.phase(self.backend.compute_phase)
                 compiles = self.backend.compile_count()
                 read = self.reads_values(self.step + 1)
                 t0 = time.perf_counter()
@@ -430,6 +447,7 @@ class Trainer:
                     bar.set_postfix(postfix)
                     window_tokens, window_seconds = 0, 0.0
                 bar.update(1)
+                self.watch.end()
                 # MLPerf evals only at the cadence (an off-cadence eval would not count); the
                 # last step is evaluated too, for metrics and the summary only (docs/MLPERF.md)
                 if self.step % cfg.eval_frequency == 0:
@@ -444,14 +462,21 @@ class Trainer:
                 if cfg.save_frequency and self.step % cfg.save_frequency == 0 and not last:
                     self.save_checkpoint(finished=False)
                 # a signal may reach the processes between different steps: stop all together
-                if self.backend.any_process(bool(stop_signal)) and not reached:
+                self.watch.begin(
+                    "step", f"the stop-signal check after step {self.step}", "collective", False
+                )
+                stopping = self.backend.any_process(bool(stop_signal))
+                self.watch.end()
+                if stopping and not reached:
                     signum = stop_signal[0] if stop_signal else signal.SIGTERM  # another rank's
                     raise Preempted(self._preempted_message(signum), signum)
             if cfg.save_frequency:  # committed before the run ends, also when async
                 self.save_checkpoint(finished=True, wait=True)
             failing = False
             if reached:
+                self.watch.begin("save", f"the barrier after step {self.step}", "collective", False)
                 self.backend.barrier()
+                self.watch.end()
                 self.mlperf.run_stop("success", samples())
         except KeyboardInterrupt:  # the second Ctrl-C
             raise Preempted(
@@ -459,7 +484,12 @@ class Trainer:
                 "the same command to resume from the latest checkpoint",
                 signal.SIGINT,
             ) from None
+        except Exception as error:
+            # a collective that failed (a peer is gone): one line naming it, exit 1
+            self.watch.on_error(error)
+            raise
         finally:
+            self.watch.idle()  # what follows an error is not a step, eval or save
             if self.saver is not None:  # an error on its way out: a save in flight ends first
                 self.saver.finish(failing)
             for signum, handler in previous_handlers.items():
@@ -486,7 +516,9 @@ class Trainer:
         if not self.cfg.save_frequency:
             return f"{name}: stopped after step {self.step} without a checkpoint (save_frequency=0)"
         if self.saved_step == self.step:  # this step's periodic save: only wait for its commit
+            self.watch.begin("save", f"the save at step {self.step}", "checkpoint", False)
             saved = self.saver.wait() if self.saver is not None else self.saved_at
+            self.watch.end()
         else:
             saved = self.save_checkpoint(finished=False, wait=True)
         return f"{name}: stopped after step {self.step}; saved {saved}; rerun the same command to resume"
@@ -520,6 +552,7 @@ class Trainer:
         """Save this step; returns its directory. Synchronous, or with `async_saves` staged to
         host memory here and written by the saver's thread (committed on return with `wait`;
         otherwise the next save, or the end of the run, waits for it and raises its error)."""
+        self.watch.begin("save", f"the save at step {self.step}", "checkpoint")
         self.metrics.sync()  # the records up to this step are on disk before it commits
         args = (checkpoint.location(self.cfg.save_dir), self.step, self.model, self.optimizer)
         args += (self.state_dict(finished),)
@@ -528,11 +561,14 @@ class Trainer:
         if not self.async_saves:
             options = self.backend.checkpoint_options(load=False)
             self.saved_at = checkpoint.save(*args, **kwargs, **options)
+            self.watch.end()
             return self.saved_at
         if self.saver is None:  # on every process at the same save (it creates a gloo group)
-            self.saver = checkpoint.AsyncSaver()
+            self.saver = checkpoint.AsyncSaver(collective_timeout(self.cfg))
         self.saved_at = self.saver.save(*args, **kwargs, stage=self.backend.stage_checkpoint)
-        return self.saver.wait() if wait else self.saved_at
+        saved = self.saver.wait() if wait else self.saved_at
+        self.watch.end()
+        return saved
 
     def _watch_compiles(self, what: str, warm: bool, before: int | None) -> int | None:
         """The compile count now; after warm-up a new compile warns or stops the run.
@@ -621,15 +657,28 @@ def run(cfg: DictConfig) -> Summary:
     """Build every component in order, then train. Returns the summary."""
     config_lib.validate(cfg)
     backend = select_backend(cfg)
+    # heartbeats from here on; the training loop's steps, evals and saves are bounded
+    watch = Watchdog.for_run(cfg, backend)
+    try:
+        return _run(cfg, backend, watch)
+    except Exception as error:  # a collective that failed outside the loop: one line, exit 1
+        watch.on_error(error, "start-up or shutdown")
+        raise
+    finally:
+        watch.stop()
+
+
+def _run(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
+    """run() once the backend (and its process group) exists."""
     config_lib.finalize(cfg, backend.data_parallel_size)
     memory.check(cfg, backend)  # before anything is written or built
     # one run per run directory (clm.lease): taken before prepare_run_dir looks at the files,
     # held until the run ends however it ends; while another run holds it: exit 2 naming it
     with lease_lib.hold(cfg, backend):
-        return _run(cfg, backend)
+        return _run_leased(cfg, backend, watch)
 
 
-def _run(cfg: DictConfig, backend: Backend) -> Summary:
+def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
     """run()'s work once the run directory is this run's."""
     run_dir, resume_from, resume_step = prepare_run_dir(cfg, backend)
     if backend.is_main:
@@ -689,7 +738,7 @@ def _run(cfg: DictConfig, backend: Backend) -> Summary:
         parallelism=backend.parallelism,
     )
     trainer = Trainer(
-        cfg, backend, model, optimizer, scheduler, train_stream, eval_set, metrics, mlperf
+        cfg, backend, model, optimizer, scheduler, train_stream, eval_set, metrics, mlperf, watch
     )
     _restore(cfg, trainer, resume_from)
     exit_code = 1  # what W&B records if the run ends with an exception

@@ -1,7 +1,8 @@
 """The torchrun path (clm/backends/fsdp_backend.py) on 2 CPU processes over gloo.
 
-Every run is a real `torchrun --standalone --nproc_per_node=2 clm/run_clm.py backend=cpu ...`
-against a 1-process run of the same global batch (8 rows x 64 tokens): 2 processes x 4 rows.
+Every run (but the dead-peer test's, below) is a real `torchrun --standalone --nproc_per_node=2
+clm/run_clm.py backend=cpu ...` against a 1-process run of the same global batch (8 rows x 64
+tokens): 2 processes x 4 rows.
 The load-balancing loss is off in the parity runs (`model.router_aux_loss_coef=0`): with several
 processes each computes it on its own rows (the mean over ranks, as Megatron does), which is not
 the same number as one loss over all rows; `test_shards_and_aux_loss_semantics` checks that
@@ -11,6 +12,10 @@ Measured on this model (fp32, 6 steps): train and eval losses within 1.9e-6 of t
 run (1.8e-7 relative), gradient norms within 2.4e-6 (5.7e-7 relative), with FSDP alone and with
 expert parallelism 2 plus activation checkpointing. A resumed 2-process run is bitwise equal to
 the uninterrupted one.
+
+A dead or hung peer (clm/watchdog.py) is tried on two processes started one by one with
+torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as on two nodes with a
+launcher each: under torchrun the agent itself sends the survivor SIGTERM when a worker dies.
 """
 
 from __future__ import annotations
@@ -463,3 +468,168 @@ def test_pretrained_checkpoint_is_read_into_the_shards(tmp_path, expert_parallel
     )
     assert out["differ"] == []
     assert out["local"] == out["total"] // 2
+
+
+# --- a dead or hung peer (clm/watchdog.py) -----------------------------------------------------
+# a short floor, so that a hung peer is found in seconds; the first step, eval and save of each
+# process (and every collective's timeout) get FIRST
+FIRST = 30
+WATCHDOG = ["step_timeout_s=5", f"first_step_timeout_s={FIRST}"]
+RESUME_HINT = " (rerun the same command on every process to resume from the latest checkpoint)"
+
+
+def start_ranks(tmp_path, port: int, name: str) -> list[tuple[subprocess.Popen, object]]:
+    """The same command on two processes, each started on its own with the variables torchrun
+    sets (as on two nodes with a launcher each): no agent stops the survivor for us. Returns
+    (process, path of its stdout and stderr, as "<name>.<rank>.out|err") per rank."""
+    env = env_for(tmp_path)
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_RANK="0")
+    args = [sys.executable, str(RUN_CLM), f"output_dir={tmp_path / 'runs'}", *COMMON]
+    ranks = []
+    for rank in (0, 1):
+        logs = tmp_path / f"{name}.{rank}"
+        with open(f"{logs}.out", "w") as out, open(f"{logs}.err", "w") as err:
+            proc = subprocess.Popen(
+                [*args, *TWO_PROCESSES, *WATCHDOG],
+                cwd=ROOT,
+                env={**env, "RANK": str(rank)},
+                stdout=out,
+                stderr=err,
+            )
+        ranks.append((proc, logs))
+    return ranks
+
+
+def wait_until(condition, ranks, what: str) -> None:
+    deadline = time.monotonic() + 300
+    while not condition():
+        alive = all(proc.poll() is None for proc, _ in ranks)
+        assert alive and time.monotonic() < deadline, (what, read_logs(ranks))
+        time.sleep(0.02)
+
+
+def read_logs(ranks) -> str:
+    return "\n".join(
+        f"{logs}.{kind}: {open(f'{logs}.{kind}').read()[-2000:]}"
+        for _, logs in ranks
+        for kind in ("out", "err")
+    )
+
+
+def logged_steps(metrics) -> list[int]:
+    """The steps of the complete lines of a metrics.jsonl being written."""
+    if not metrics.exists():
+        return []
+    text = metrics.read_text()
+    return [json.loads(line)["step"] for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def one_error_line(path) -> str:
+    """A survivor's stderr: one line, no traceback."""
+    lines = open(path).read().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def same_values(got: list[dict], want: list[dict], steps) -> None:
+    """Bitwise the same logged values at `steps`, each step's records once."""
+    for key in ("train/loss", "train/grad_norm", "train/lr", "eval/loss"):
+        expected = [(r["step"], r[key]) for r in want if key in r and r["step"] in steps]
+        assert [(r["step"], r[key]) for r in got if key in r and r["step"] in steps] == expected
+        assert expected or key == "eval/loss", key
+
+
+def aborted_once(log) -> bool:
+    stops = [line for line in log.read_text().splitlines() if '"key": "run_stop"' in line]
+    return len(stops) == 1 and '"status": "aborted"' in stops[0]
+
+
+def test_a_killed_or_stopped_rank_ends_the_other_in_bounded_time_and_the_same_command_resumes(
+    tmp_path, two
+):
+    """Two processes started one by one (no torchrun agent): kill -9 of rank 1 after step 2's
+    checkpoint, rank 0's next collective fails: one line naming rank 1 (its heartbeat stopped),
+    exit 1. The same command resumes from step 2 (exactly the uninterrupted run's values);
+    SIGSTOP of rank 1 at step 4: rank 0's watchdog ends it within its bound, naming rank 1;
+    SIGCONT of rank 1 then: rank 0, its store's host, is gone, so it says so and exits 1. The
+    same command again finishes the run: every value bitwise the uninterrupted run's, each step
+    once; each interrupted MLPerf log ends with one aborted run_stop."""
+    _, straight = two
+    want = read_metrics(straight)
+    directory = run_dir(tmp_path)
+    metrics, saves = directory / "metrics.jsonl", directory / "checkpoints"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # every run: the same command, the same port
+    ranks = []
+    try:
+        # kill -9 of rank 1
+        ranks = start_ranks(tmp_path, port, "killed")
+        wait_until(
+            lambda: (saves / "step_00000002").exists() and max(logged_steps(metrics) or [0]) >= 3,
+            ranks,
+            "step 3 after the checkpoint of step 2",
+        )
+        killed = time.monotonic()
+        ranks[1][0].kill()
+        assert ranks[0][0].wait(timeout=FIRST + 60) == 1
+        assert time.monotonic() - killed <= FIRST + 30  # the largest bound + 30 s
+        line = one_error_line(f"{ranks[0][1]}.err")
+        assert re.fullmatch(
+            r"error: (step \d+|the .+ after step \d+|the .+ at step \d+): a collective failed "
+            rf"while waiting for .+ \(.+\); rank 1 \(pid {ranks[1][0].pid} on .+\) sent no "
+            rf"heartbeat for [\d.]+ s: lost or hung{re.escape(RESUME_HINT)}",
+            line,
+        ), line
+        assert checkpoint.latest(saves).name == "step_00000002"
+        assert aborted_once(directory / "mlperf_compliance.log")
+        same_values(read_metrics(directory), want, {1, 2, 3})  # flushed before the exit
+
+        # the same command resumes; SIGSTOP of rank 1 (a hung peer) once it logged step 3
+        ranks = start_ranks(tmp_path, port, "stopped")
+        restored = f"restored {saves / 'step_00000002'} (step 2)"
+        wait_until(
+            lambda: restored in open(f"{ranks[0][1]}.out").read()
+            and max(logged_steps(metrics) or [0]) >= 3,
+            ranks,
+            "step 3 of the resumed run",
+        )
+        stopped = time.monotonic()
+        os.kill(ranks[1][0].pid, signal.SIGSTOP)
+        assert ranks[0][0].wait(timeout=FIRST + 60) == 1
+        waited = time.monotonic() - stopped
+        line = one_error_line(f"{ranks[0][1]}.err")
+        found = re.fullmatch(
+            r"error: (step \d+|the .+ after step \d+|the .+ at step \d+): no progress for "
+            r"[\d.]+ s \(bound ([\d.]+) s\) while waiting for .+; rank 1 \(pid "
+            rf"{ranks[1][0].pid} on .+\) sent no heartbeat for [\d.]+ s: lost or hung"
+            + re.escape(RESUME_HINT),
+            line,
+        )
+        assert found, line
+        assert waited <= float(found.group(2)) + 30
+        assert aborted_once(directory / "mlperf_compliance.log")
+        os.kill(ranks[1][0].pid, signal.SIGCONT)
+        assert ranks[1][0].wait(timeout=60) == 1
+        line = one_error_line(f"{ranks[1][1]}.err")
+        assert re.fullmatch(
+            r"error: .+; the heartbeat store at 127\.0\.0\.1:\d+, hosted by rank 0, does not "
+            r"answer \(Connection refused\): rank 0 is lost or hung" + re.escape(RESUME_HINT),
+            line,
+        ), line
+        same_values(read_metrics(directory), want, {3})  # what the resumed run logged
+
+        # the same command finishes the run
+        ranks = start_ranks(tmp_path, port, "finished")
+        assert [proc.wait(timeout=300) for proc, _ in ranks] == [0, 0], read_logs(ranks)
+    finally:
+        for proc, _ in ranks:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+            proc.wait()
+    assert f"restored {saves / 'step_00000002'} (step 2)" in open(f"{ranks[0][1]}.out").read()
+    same_values(read_metrics(directory), want, range(1, 7))
+    log = (directory / "mlperf_compliance.log").read_text()
+    assert log.count('"key": "run_start"') == 1 and log.count('"key": "run_stop"') == 1
+    assert '"status": "success"' in log

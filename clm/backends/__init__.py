@@ -25,6 +25,8 @@ class Backend:
     # float() of the loss) stalls the host until all of it is done (XLA). The trainer then reads
     # the logged values back only at the steps that need them (Trainer.train_step).
     async_steps = False
+    # what the forward and backward wait for, in the step watchdog's words (clm/watchdog.py)
+    compute_phase = "device"
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -234,6 +236,8 @@ def _select(cfg: DictConfig) -> Backend:
 
 
 def _xla_backend(cfg: DictConfig) -> Backend:
+    from clm.watchdog import collective_timeout
+
     try:
         from clm.backends.xla_backend import XlaBackend
     except ImportError as e:
@@ -250,4 +254,5 @@ def _xla_backend(cfg: DictConfig) -> Backend:
         compile_cache_dir=cfg.get("local_compile_cache_dir"),
         profile_step=int(cfg.get("xla_profile_step", -1)),
         profile_dir=os.path.join(str(cfg.run_dir), "profile"),
+        collective_timeout=collective_timeout(cfg),
     )

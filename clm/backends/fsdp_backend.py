@@ -72,6 +72,7 @@ from omegaconf import DictConfig
 
 from clm.backends import Backend
 from clm.config import ConfigError
+from clm.watchdog import collective_timeout
 
 # the dtypes `model.dtype` may name here, as the compute dtype of the mixed-precision policy
 COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -92,6 +93,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 class FsdpBackend(Backend):
     name = "fsdp"
     shards_meta_model = True  # wrap_model runs on the meta model; see clm.model.build_sharded_model
+    # the forward and backward all-gather weights and reduce-scatter gradients as they go
+    compute_phase = "device or an FSDP collective"
 
     def __init__(self, cfg: DictConfig, device_type: str):
         # parallelism it does not run is refused before it is built (refuse_unimplemented)
@@ -112,9 +115,13 @@ class FsdpBackend(Backend):
             self.dist_backend = "gloo"
         super().__init__(device)
         if not dist.is_initialized():
-            # rendezvous from torchrun's environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE)
+            # rendezvous from torchrun's environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE), or
+            # each process started by hand with those variables; a collective waits at most
+            # first_step_timeout_s (clm/watchdog.py bounds the steps after warm-up)
             dist.init_process_group(
-                backend=self.dist_backend, device_id=device if device_type == "cuda" else None
+                backend=self.dist_backend,
+                device_id=device if device_type == "cuda" else None,
+                timeout=collective_timeout(cfg),
             )
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()

@@ -108,6 +108,7 @@ holds the persistent compilation cache on TPU.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import math
 import os
@@ -155,6 +156,7 @@ class XlaBackend(Backend):
         compile_cache_dir: str | None = None,
         profile_step: int = -1,
         profile_dir: str | None = None,
+        collective_timeout: datetime.timedelta | None = None,
     ):
         # The persistent compile cache must exist before the first computation. Only on TPU:
         # on the CPU runtime the cached programs fail to deserialize.
@@ -187,7 +189,7 @@ class XlaBackend(Backend):
         self.init_device = torch.device("cpu")
         self.profile_step = int(profile_step)
         self.profile_dir = profile_dir
-        self.process_group = _host_process_group()
+        self.process_group = _host_process_group(collective_timeout)
 
     def _use_mesh(self, mesh: xs.Mesh, shape: tuple, num_slices: int, attention: str) -> None:
         """The mesh and what follows from it (also for `clm.aot`'s target backend)."""
@@ -482,16 +484,17 @@ class _ShardingSpec(xs.ShardingSpec):
         ) = self.mesh._get_op_sharding_args(self.partition_spec)
 
 
-def _host_process_group():
+def _host_process_group(timeout: datetime.timedelta | None = None):
     """A CPU gloo group, one rank per host (rank = xr.process_index()): checkpoints, barrier,
-    any_process."""
+    any_process. `timeout`: what one of its collectives may wait (None: torch's default); its
+    store (a TCPStore on host 0) also carries the watchdog's heartbeats (clm/watchdog.py)."""
     import torch_xla.distributed.xla_backend  # noqa: F401  registers the xla:// rendezvous
 
     if not dist.is_initialized():
         if xr.process_count() == 1:  # this host alone: no metadata query, no fixed port
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", init_method="xla://")
+        dist.init_process_group("gloo", init_method="xla://", timeout=timeout)
     return dist.group.WORLD
 
 
