@@ -732,7 +732,8 @@ def release_all(leases: list[Lease]) -> None:
 def hold(cfg, backend):
     """The run's leases, held for the `with` block: the main process takes them and every
     process learns whether it did (`backend.any_process`), so a refused run exits 2 on every
-    process together instead of waiting at prepare_run_dir's barrier."""
+    process together instead of waiting at prepare_run_dir's barrier. Yields `release`, which
+    the block's end calls anyway."""
     taken: list[Lease] = []
     error: BaseException | None = None
     if backend.is_main:
@@ -748,8 +749,17 @@ def hold(cfg, backend):
             "(its error says why: the holder, or what could not be written)"
         )
     keeper = Keeper(taken).start()
+    released = threading.Event()
+
+    def release() -> None:
+        """Stop renewing and remove the leases (once); also what the step watchdog does before
+        it ends a stuck process, so that the same command starts without a takeover."""
+        if not released.is_set():
+            released.set()
+            keeper.stop()
+            release_all(taken)
+
     try:
-        yield taken
+        yield release
     finally:
-        keeper.stop()
-        release_all(taken)
+        release()

@@ -674,7 +674,8 @@ def _run(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
     memory.check(cfg, backend)  # before anything is written or built
     # one run per run directory (clm.lease): taken before prepare_run_dir looks at the files,
     # held until the run ends however it ends; while another run holds it: exit 2 naming it
-    with lease_lib.hold(cfg, backend):
+    with lease_lib.hold(cfg, backend) as release_leases:
+        watch.before_exit(release_leases)  # a stuck run's exit frees its run directory too
         return _run_leased(cfg, backend, watch)
 
 

@@ -144,6 +144,7 @@ class Watchdog:
         self._longest = dict.fromkeys(KINDS, 0.0)
         self._activity: _Activity | None = None
         self._outputs: tuple | None = None
+        self._before_exit: list[Callable[[], None]] = []
         self._claimed = threading.Lock()  # held by the one thread that ends the process
         self._stderr: int | None = None  # the real fd 2 once muted (_mute)
         self._stopped = threading.Event()
@@ -230,6 +231,11 @@ class Watchdog:
         """What to write out before exiting: the MetricsWriter, the MLPerfLogger (its aborted
         run_stop at `samples()`); set once the timed run has started."""
         self._outputs = (metrics, mlperf, samples)
+
+    def before_exit(self, action: Callable[[], None]) -> None:
+        """Also run `action` when the watchdog ends the process, after the logs are written
+        (the run directory's lease is released there)."""
+        self._before_exit.append(action)
 
     def stop(self) -> None:
         """The run is over: no more deadlines or heartbeats."""
@@ -334,16 +340,16 @@ class Watchdog:
 
     def _write_out(self, done: threading.Event) -> None:
         try:
-            if self._outputs is None:
-                return
-            metrics, mlperf, samples = self._outputs
-            steps = [
-                getattr(metrics, "sync", None),  # metrics.jsonl flushed and fsynced
-                lambda: mlperf.run_stop("aborted", samples()),
-                getattr(mlperf, "close", None),
-                lambda: metrics.close(1),  # W&B finished with exit code 1
-            ]
-            for step in steps:
+            steps = []
+            if self._outputs is not None:
+                metrics, mlperf, samples = self._outputs
+                steps = [
+                    getattr(metrics, "sync", None),  # metrics.jsonl flushed and fsynced
+                    lambda: mlperf.run_stop("aborted", samples()),
+                    getattr(mlperf, "close", None),
+                    lambda: metrics.close(1),  # W&B finished with exit code 1
+                ]
+            for step in steps + self._before_exit:
                 try:
                     if step is not None:
                         step()
