@@ -323,7 +323,8 @@ def test_renewal_keeps_the_lease_fresh_and_reports_a_takeover(tmp_path):
     data = json.dumps(taker).encode()
     scratch = tmp_path / "scratch"
     scratch.write_bytes(data)
-    os.replace(scratch, path)
+    with ours._exclusive():  # as a taker writes: under the lock, not inside a renewal's round
+        os.replace(scratch, path)
     deadline = time.time() + 5
     while not lost and time.time() < deadline:
         time.sleep(0.05)
