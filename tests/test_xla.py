@@ -937,25 +937,25 @@ def test_pretrained_weights_load_a_piece_at_a_time_onto_the_mesh(tmp_path):
 
 
 @needs_xla
-def test_a_run_cut_after_a_save_resumes_with_the_same_losses(tmp_path):
-    """XLA exact resume: a 4-step run saving every 2 steps; its run directory as a crash after
-    step 3 would leave it (step 2 the latest committed checkpoint, metrics written past it);
-    the same command resumes from step 2 and logs bitwise the uninterrupted run's losses."""
+def test_a_run_cut_after_a_save_resumes_with_the_same_losses(tmp_path, runs):
+    """XLA exact resume: the 4-step run saving every 2 steps (the `runs` fixture); its run
+    directory as a crash after step 3 would leave it (step 2 the latest committed checkpoint,
+    metrics written past it); the same command resumes from step 2 and logs bitwise the
+    uninterrupted run's losses."""
     import shutil
 
     from clm import checkpoint
 
-    first, again = tmp_path / "first", tmp_path / "again"
-    proc = run_xla(first, *XLA_RUN, "save_frequency=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    shutil.copytree(first, again)
+    xla, want, _ = runs
+    again = tmp_path / "again"
+    shutil.copytree(xla.run_dir.parent, again / "runs")
     run_dir = again / "runs" / "embedded_default"
     shutil.rmtree(run_dir / "checkpoints" / "step_00000004")
     assert checkpoint.latest(run_dir / "checkpoints").name == "step_00000002"
     proc = run_xla(again, *XLA_RUN, "save_frequency=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "restored" in proc.stdout and "(step 2" in proc.stdout, proc.stdout[-2000:]
-    want, got = read_metrics(first / "runs" / "embedded_default"), read_metrics(run_dir)
+    got = read_metrics(run_dir)
     for key in ("train/loss", "train/grad_norm", "eval/loss"):
         expected = [(r["step"], r[key]) for r in want if key in r]
         assert [(r["step"], r[key]) for r in got if key in r] == expected, key
