@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import shutil
 import signal
@@ -16,7 +17,7 @@ import torch
 import yaml
 from conftest import CLM, RUN_CLM, clean_env, run_clm, sigterm_after_records
 
-from clm import checkpoint
+from clm import checkpoint, data
 from clm import config as config_lib
 from clm.metrics import read_metrics
 
@@ -83,9 +84,9 @@ def test_ctrl_c_or_a_kill_before_the_first_step_leaves_a_directory_the_same_comm
     env = clean_env(tmp_path)
     run_dir = tmp_path / "embedded_default"
 
-    def start_and_signal_when(path, signum):
+    def start_and_signal_when(path, signum, command=args):
         proc = subprocess.Popen(
-            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         deadline = time.time() + 300
         while time.time() < deadline and not path.exists() and proc.poll() is None:
@@ -93,8 +94,15 @@ def test_ctrl_c_or_a_kill_before_the_first_step_leaves_a_directory_the_same_comm
         proc.send_signal(signum)
         return proc, *proc.communicate(timeout=300)
 
-    # run_start's MLPerf log exists from the run directory's preparation on: before the model
-    proc, _, stderr = start_and_signal_when(run_dir / "mlperf_compliance.log", signal.SIGINT)
+    # Ctrl-C while the eval set loads: its file is a named pipe nobody writes, so the run is
+    # held there (after the run directory's preparation wrote the MLPerf log) until the signal
+    stalled = tmp_path / "stalled_eval"
+    stalled.mkdir()
+    os.mkfifo(stalled / data.VALIDATION_FILE)
+    interrupted = [*args, f"dataset.eval_dataset_path={stalled}"]
+    proc, _, stderr = start_and_signal_when(
+        run_dir / "mlperf_compliance.log", signal.SIGINT, interrupted
+    )
     assert proc.returncode == 130
     assert stderr.splitlines() == [
         "stopped: SIGINT (Ctrl-C) outside the training loop; nothing was saved: rerun the same "
