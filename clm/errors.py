@@ -1,19 +1,38 @@
-"""Errors for outputs that could not be written (disk full, quota, file-size limit).
+"""The errors that end a run with one line: outputs that could not be written (disk full,
+quota, file-size limit), training that cannot go on, and a stop signal.
 
-`run_clm.py` turns them into one line and exit code 1; whatever was written before stays as it
-was (the metrics file is cut back to its last whole record, a checkpoint that failed mid-write
-stays a `.partial` directory that nothing loads).
+`run_clm.py` turns `OutputWriteError` and `TrainingError` into one line and exit code 1, and
+`Preempted` into one line and 128 + the signal. They live here, not in the trainer, so that the
+parts of the trainer that become modules of their own raise them without importing it.
+
+After an `OutputWriteError` whatever was written before stays as it was (the metrics file is
+cut back to its last whole record, a checkpoint that failed mid-write stays a `.partial`
+directory that nothing loads).
 """
 
 from __future__ import annotations
 
 import errno
 import shutil
+import signal
 from pathlib import Path
 
 
 class OutputWriteError(RuntimeError):
     """A run output (metrics, checkpoint) could not be written; the message names the path."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message says where and why."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM (a preemption on GKE or Slurm) or SIGINT (Ctrl-C) stopped the run after a step;
+    `signum` is the signal (run_clm exits with 128 + it)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 def describe(error: BaseException, path: Path) -> str:

@@ -32,8 +32,8 @@ USER_ERRORS = (ValueError, FileNotFoundError)
 # which is clm/config.py when clm is installed (the console script), not the YAML directory.
 @hydra.main(version_base=None, config_path=str(config_lib.CONFIG_DIR), config_name="config")
 def _train(cfg: DictConfig) -> None:
-    from clm.errors import OutputWriteError
-    from clm.trainer import Preempted, TrainingError, run
+    from clm.errors import OutputWriteError, Preempted, TrainingError
+    from clm.trainer import run
 
     try:
         run(cfg)

@@ -46,6 +46,7 @@ from clm import data as data_lib
 from clm import lease as lease_lib
 from clm import model as model_lib
 from clm.backends import Backend, select_backend
+from clm.errors import Preempted, TrainingError
 from clm.metrics import MetricsWriter, peak_tflops, training_flops_per_token
 from clm.mlperf import MLPerfLogger, compliance_path
 from clm.tokenizer import load_tokenizer
@@ -59,19 +60,6 @@ RUN_DIR_OUTPUTS = (
     "profile",
     "wandb",
 )
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. a non-finite loss); the message says where and why."""
-
-
-class Preempted(RuntimeError):
-    """SIGTERM (a preemption on GKE or Slurm) or SIGINT (Ctrl-C) stopped the run after a step;
-    `signum` is the signal (run_clm exits with 128 + it)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGTERM):
-        super().__init__(message)
-        self.signum = int(signum)
 
 
 # the signals that stop a run after the current step, with a checkpoint when saving is on
