@@ -72,7 +72,9 @@ class Ours:
         optimizer = optim.build_optimizer(model, cfg, backend.device, adamw)
         scheduler = optim.build_scheduler(optimizer, cfg.sched, float(cfg.lr))
         # train_step touches none of the stream, eval set, metrics writer or MLPerf logger
-        self.trainer = Trainer(cfg, backend, model, optimizer, scheduler, None, None, None, None)
+        self.trainer = Trainer(
+            cfg=cfg, backend=backend, model=model, optimizer=optimizer, scheduler=scheduler
+        )
         self.model = model
 
     def step(self, batch) -> float:

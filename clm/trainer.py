@@ -158,19 +158,25 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 
 
 class Trainer:
+    """One run's training state and loop."""
+
     def __init__(
         self,
+        *,
         cfg: DictConfig,
         backend: Backend,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler,
-        train_stream: data_lib.TrainStream,
-        eval_set: data_lib.EvalSet,
-        metrics: MetricsWriter,
-        mlperf: MLPerfLogger,
+        train_stream: data_lib.TrainStream | None = None,
+        eval_set: data_lib.EvalSet | None = None,
+        metrics: MetricsWriter | None = None,
+        mlperf: MLPerfLogger | None = None,
         watchdog: Watchdog | None = None,
     ):
+        """`train_step` needs only the first five; `evaluate` also `eval_set`, `train` also
+        `train_stream`. Without `metrics`, `mlperf` or `watchdog` nothing is written to
+        metrics.jsonl or the MLPerf log and nothing is bounded (what tests and tools want)."""
         self.cfg = cfg
         self.backend = backend
         self.model = model
@@ -178,8 +184,8 @@ class Trainer:
         self.scheduler = scheduler
         self.train_stream = train_stream
         self.eval_set = eval_set
-        self.metrics = metrics
-        self.mlperf = mlperf
+        self.metrics = MetricsWriter(None, enabled=False) if metrics is None else metrics
+        self.mlperf = MLPerfLogger(cfg, None, enabled=False) if mlperf is None else mlperf
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
@@ -727,7 +733,16 @@ def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
         parallelism=backend.parallelism,
     )
     trainer = Trainer(
-        cfg, backend, model, optimizer, scheduler, train_stream, eval_set, metrics, mlperf, watch
+        cfg=cfg,
+        backend=backend,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_stream=train_stream,
+        eval_set=eval_set,
+        metrics=metrics,
+        mlperf=mlperf,
+        watchdog=watch,
     )
     _restore(cfg, trainer, resume_from)
     exit_code = 1  # what W&B records if the run ends with an exception

@@ -293,8 +293,6 @@ SCRIPT = textwrap.dedent("""
     from clm import config as config_lib, model as model_lib, optim
     from clm.backends import select_backend
     from clm.backends.fsdp_backend import FsdpBackend
-    from clm.metrics import MetricsWriter
-    from clm.mlperf import MLPerfLogger
     from clm.trainer import Trainer
 
     config_lib.register_resolvers()
@@ -324,8 +322,7 @@ SCRIPT = textwrap.dedent("""
     batch["labels"][5, 10:] = -100  # uneven token counts across the ranks
     opt = optim.build_optimizer(model, cfg, backend.device)
     sched = optim.build_scheduler(opt, cfg.sched, float(cfg.lr))
-    trainer = Trainer(cfg, backend, model, opt, sched, None, None,
-                      MetricsWriter(None, enabled=False), MLPerfLogger(cfg, None, enabled=False))
+    trainer = Trainer(cfg=cfg, backend=backend, model=model, optimizer=opt, scheduler=sched)
     values = trainer.train_step(backend.local_rows(batch))
     halves = [model_lib.forward(ref, {k: v[i:i + 4] for k, v in batch.items()}, True)
               for i in (0, 4)]

@@ -72,7 +72,16 @@ def make_trainer(cfg, model, eval_set=None, tmp_path=None):
     sched = optim.build_scheduler(opt, cfg.sched, float(cfg.lr))
     metrics = MetricsWriter(tmp_path, enabled=False)
     mlperf = MLPerfLogger(cfg, None, enabled=False)
-    return Trainer(cfg, TorchBackend(CPU), model, opt, sched, None, eval_set, metrics, mlperf)
+    return Trainer(
+        cfg=cfg,
+        backend=TorchBackend(CPU),
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        eval_set=eval_set,
+        metrics=metrics,
+        mlperf=mlperf,
+    )
 
 
 def test_meta_init_matches_a_normally_built_model():

@@ -179,7 +179,9 @@ def trace(cfg: DictConfig, devices: int, workdir: Path) -> dict:
         )
         scheduler = optim.build_scheduler(optimizer, cfg.sched, float(cfg.lr))
         fill_adamw_state(optimizer, backend, names)
-        trainer = Trainer(cfg, backend, model, optimizer, scheduler, None, None, None, None)
+        trainer = Trainer(
+            cfg=cfg, backend=backend, model=model, optimizer=optimizer, scheduler=scheduler
+        )
         trainer.nonfinite_steps = backend.placeholder("nonfinite_steps", (), torch.int32)
         facts = {
             "devices": devices,
