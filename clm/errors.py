@@ -3,7 +3,7 @@ quota, file-size limit), training that cannot go on, and a stop signal.
 
 `run_clm.py` turns `OutputWriteError` and `TrainingError` into one line and exit code 1, and
 `Preempted` into one line and 128 + the signal. They live here, not in the trainer, so that the
-parts of the trainer that become modules of their own raise them without importing it.
+trainer's components (clm.checkpointer, clm.metrics_processor) raise them without importing it.
 
 After an `OutputWriteError` whatever was written before stays as it was (the metrics file is
 cut back to its last whole record, a checkpoint that failed mid-write stays a `.partial`

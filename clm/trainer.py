@@ -1,15 +1,26 @@
 """The training lifecycle: build everything in a fixed order, then train until a stop rule.
 
-Order (each step may fail with a one-line error before the next costs anything):
-  validate config -> backend (devices) -> derived sizes -> memory estimate (clm.memory) ->
-  the run directory's lease (clm.lease) -> run directory -> tokenizer -> eval set and train stream (data errors surface here) ->
-  model (meta -> device -> init) -> optimizer and schedule -> restore -> W&B (main process,
-  optional; never fails the run) -> loop.
+Build order (`run`; each step may fail with a one-line error before the next costs anything):
+  1. validate config -> backend (devices) -> the step watchdog (clm.watchdog) -> derived sizes
+     -> memory estimate (clm.memory)
+  2. the run directory's lease (clm.lease) -> run directory (clm.checkpointer.prepare_run_dir)
+     -> config.yaml, MLPerf init
+  3. tokenizer -> eval set and train stream (data errors surface here)
+  4. model (meta -> device -> init) -> optimizer and schedule -> metrics writer
+  5. the Trainer, which builds its components in this order: the checkpointer
+     (clm.checkpointer: save cadence, async saver, stop signals, resume), then the metrics
+     processor (clm.metrics_processor: perf window, compile watch, MFU, progress bar)
+  6. restore (`Trainer.restore`) -> W&B (main process, optional; never fails the run) -> the loop
+     (`Trainer.train`).
+Tests build a Trainer directly, with keyword arguments (`Trainer(cfg=..., backend=..., ...)`),
+and drive `train_step`, `evaluate` or the whole `train` in process.
 
-The loop: accumulate `gradient_accumulation_steps` micro-batches into one optimizer step,
-normalizing by the token count of the whole global batch so the step's loss is the exact
-token-mean; clip; step; schedule; evaluate every `eval_frequency` steps; stop at
-`target_eval_loss` or `max_steps`.
+The loop (`Trainer.train`), each iteration in this order: one optimizer step (its record through
+the metrics processor), the eval if due (every `eval_frequency` steps, and the last), the save if
+due (the checkpointer), the stop-signal check; it stops at `target_eval_loss` or `max_steps`, or
+raises `Preempted` after a stop signal. The step (`Trainer.train_step`): accumulate
+`gradient_accumulation_steps` micro-batches, normalizing by the token count of the whole global
+batch so the step's loss is the exact token-mean; clip; step; schedule.
 
 Batches: every process reads the whole global batch of each step from the same deterministic
 stream; `backend.local_rows` keeps the rows this process computes (its data-parallel rank's rows
@@ -26,19 +37,14 @@ host prepares step k+1 while the device runs step k. Elsewhere every step reads 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from clm import checkpoint, memory, optim, wandb_log
 from clm import config as config_lib
@@ -46,24 +52,13 @@ from clm import data as data_lib
 from clm import lease as lease_lib
 from clm import model as model_lib
 from clm.backends import Backend, select_backend
+from clm.checkpointer import Checkpointer, prepare_run_dir
 from clm.errors import Preempted, TrainingError
-from clm.metrics import MetricsWriter, peak_tflops, training_flops_per_token
+from clm.metrics import MetricsWriter, training_flops_per_token
+from clm.metrics_processor import MetricsProcessor
 from clm.mlperf import MLPerfLogger, compliance_path
 from clm.tokenizer import load_tokenizer
-from clm.watchdog import Watchdog, collective_timeout
-
-RUN_DIR_OUTPUTS = (
-    "metrics.jsonl",
-    "tensorboard",
-    "config.yaml",
-    "mlperf_compliance.log",
-    "profile",
-    "wandb",
-)
-
-
-# the signals that stop a run after the current step, with a checkpoint when saving is on
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from clm.watchdog import Watchdog
 
 
 @dataclass
@@ -83,82 +78,8 @@ class Summary:
         return self.tokens / max(self.train_seconds, 1e-9)
 
 
-def prepare_run_dir(cfg: DictConfig, backend: Backend) -> tuple[Path, Path | None, int]:
-    """Create the run directory; returns it, the checkpoint to resume from (if any) and its step.
-
-    An unfinished run with a committed checkpoint in `save_dir` is resumed (`auto_resume`): its
-    metrics after that checkpoint are dropped (the resumed run writes them again, identically),
-    its MLPerf log is kept aside and its `wandb/` kept (clm.wandb_log reads what W&B holds).
-    Otherwise a directory that already holds a run (a metrics record, or a finished run's
-    checkpoints) is refused unless `overwrite_output_dir=true`, which deletes that run's logs
-    and checkpoints first. A run stopped before it logged a step (an empty metrics.jsonl, no
-    checkpoint) holds nothing to keep: its files are replaced.
-
-    With several processes every one decides from the same files, then (after a barrier) only
-    the main one changes them, and the others wait for it. run() calls it holding the run's
-    lease (clm.lease), so no other live run uses these files.
-    """
-    run_dir = Path(cfg.run_dir)
-    save_dir = checkpoint.location(cfg.save_dir)  # a local path or an fsspec URL (gs://)
-    last = checkpoint.latest(save_dir) if cfg.auto_resume else None
-    state = checkpoint.read_trainer_state(last) if last is not None else {}
-    resume = last is not None and not state.get("finished", False)
-    metrics = run_dir / "metrics.jsonl"
-    logged = metrics.exists() and any(line.strip() for line in metrics.open(encoding="utf-8"))
-    clear = not resume and (logged or last is not None)
-    empty = not resume and not clear and metrics.exists()  # stopped before its first record
-    if clear and not cfg.overwrite_output_dir:
-        raise config_lib.ConfigError(
-            f"run_dir={run_dir} already holds a run (metrics.jsonl); choose another "
-            "exp_name or pass overwrite_output_dir=true"
-        )
-    backend.barrier()  # every process has looked before the main one changes anything
-    step = int(state.get("step", 0)) if resume else 0
-    if backend.is_main:
-        _apply_run_dir_decision(run_dir, save_dir, step, resume, clear, empty)
-    backend.barrier()
-    return run_dir, last if resume else None, step
-
-
-def _apply_run_dir_decision(
-    run_dir: Path,
-    save_dir: checkpoint.Location,
-    step: int,
-    resume: bool,
-    clear: bool,
-    empty: bool = False,
-) -> None:
-    """prepare_run_dir's changes to the files (the main process only)."""
-    if resume:
-        _drop_metrics_after(run_dir / "metrics.jsonl", step)
-        log = run_dir / "mlperf_compliance.log"
-        if log.exists():
-            os.replace(log, log.with_name(f"{log.name}.before-resume-at-step-{step}"))
-        return
-    if clear or empty:
-        for name in RUN_DIR_OUTPUTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    if clear:  # the lease stays: this run holds it (a save_dir elsewhere has its own)
-        checkpoint.remove_tree(save_dir, keep=(lease_lib.LEASE_NAME,))
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Keep the records up to `step` (atomically: a crash here loses nothing)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines(True) if json.loads(line)["step"] <= step]
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(kept))
-    os.replace(partial, path)
-
-
 class Trainer:
-    """One run's training state and loop."""
+    """One run's training state and loop; see the module docstring for the build order."""
 
     def __init__(
         self,
@@ -186,6 +107,9 @@ class Trainer:
         self.eval_set = eval_set
         self.metrics = MetricsWriter(None, enabled=False) if metrics is None else metrics
         self.mlperf = MLPerfLogger(cfg, None, enabled=False) if mlperf is None else mlperf
+        # bounds each step, eval and save (clm/watchdog.py); a bare one does nothing
+        self.watch = watchdog or Watchdog()
+        # what a checkpoint holds besides model and optimizer (state_dict)
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
@@ -197,23 +121,33 @@ class Trainer:
         self.tokens_per_step = cfg.global_train_batch_size * cfg.max_length
         _, active = model_lib.count_parameters(model)
         self.flops_per_token = training_flops_per_token(model, active, cfg.max_length)
-        self.peak_tflops = peak_tflops(backend.device_description(), cfg.peak_tflops_per_device)
         self.local_devices = backend.local_data_parallel_size  # devices whose rows we compute
         # processes that each compute their own load-balancing loss on their own rows; their
         # gradients are summed, so each adds 1/aux_groups of its aux loss (the mean over ranks)
         self.aux_groups = backend.data_parallel_size // backend.local_data_parallel_size
-        self.evals_done = 0  # in this process: the first eval compiles, later ones must not
         # async_steps: steps since the last read whose loss or gradient norm was not finite
         self.nonfinite_steps = torch.zeros((), dtype=torch.int32, device=backend.device)
         self.checked_step = 0  # the last step whose values were read and checked
-        # async_checkpointing: saves written by a background thread (clm.checkpoint.AsyncSaver)
-        self.async_saves = config_lib.async_checkpointing(cfg, backend.name)
-        self.saver: checkpoint.AsyncSaver | None = None
-        # the step of the latest save this process started, and where it goes
-        self.saved_step: int | None = None
-        self.saved_at: checkpoint.Location | None = None
-        # bounds each step, eval and save (clm/watchdog.py); a bare one does nothing
-        self.watch = watchdog or Watchdog()
+        # the components, in this order, each built from what is set above it: the checkpointer
+        # (saves, stop signals, resume), then the metrics processor (perf window, compile
+        # watch, MFU, progress bar)
+        self.checkpointer = Checkpointer(
+            cfg=cfg,
+            backend=backend,
+            model=model,
+            optimizer=optimizer,
+            train_state=self.state_dict,
+            metrics=self.metrics,
+            watch=self.watch,
+        )
+        self.metrics_processor = MetricsProcessor(
+            cfg=cfg,
+            backend=backend,
+            metrics=self.metrics,
+            mlperf=self.mlperf,
+            tokens_per_step=self.tokens_per_step,
+            flops_per_token=self.flops_per_token,
+        )
 
     # ---- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -253,7 +187,7 @@ class Trainer:
             or step % cfg.log_frequency == 0
             or step == cfg.max_steps
             or step % cfg.eval_frequency == 0
-            or bool(cfg.save_frequency and step % cfg.save_frequency == 0)
+            or self.checkpointer.is_save_step(step)
         )
 
     def train_step(self, batch: dict[str, torch.Tensor], read: bool = True) -> dict[str, float]:
@@ -335,143 +269,40 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> Summary:
-        cfg = self.cfg
-        start = time.perf_counter()
-        resumed_at = self.step
-        target = float(cfg.target_eval_loss)
-        status = "max_steps reached"
-        # every process reads the whole global batch of each step from the same stream and
-        # computes its rows of it (backend.local_rows); a resumed run continues from the saved
-        # stream position (or, for a checkpoint without one, replays the blocks the checkpointed
-        # steps consumed): no block twice, none skipped
+        """Train until the target eval loss or `max_steps` (or a stop signal: `Preempted`).
+
+        Every process reads the whole global batch of each step from the same stream and
+        computes its rows of it (backend.local_rows); a resumed run continues from the saved
+        stream position (or, for a checkpoint without one, replays the blocks the checkpointed
+        steps consumed): no block twice, none skipped.
+        """
+        cfg, start, resumed_at = self.cfg, time.perf_counter(), self.step
         rows = cfg.global_train_batch_size
         batches = self.train_stream.batches(
             rows, skip_blocks=self.step * rows, position=self.data_position
         )
-        bar = tqdm(
-            total=cfg.max_steps,
-            initial=self.step,
-            desc="train",
-            unit="step",
-            disable=not (cfg.progress_bar and self.backend.is_main),
-            dynamic_ncols=True,
-        )
-        postfix: dict[str, str] = {}
-
-        def samples() -> int:
-            return self.step * cfg.global_train_batch_size
-
-        def run_eval(benchmark: bool = True) -> bool:
-            """Evaluate now; True when that reaches the target. `benchmark=False` (the last
-            step, off the cadence): the loss goes to metrics and the summary but not to the
-            MLPerf log, and never counts as reaching the target."""
-            if benchmark:
-                self.mlperf.eval_start(samples())
-            compiles = self.backend.compile_count()
-            self.watch.begin("eval", f"the eval at step {self.step}", self.backend.compute_phase)
-            loss = self.evaluate()
-            self.watch.end()
-            self._watch_compiles(f"the eval at step {self.step}", self.evals_done >= 1, compiles)
-            self.evals_done += 1
-            self.eval_losses.append((self.step, loss))
-            self.metrics.log(self.step, {"eval/loss": loss, "train/tokens_seen": self.tokens_seen})
-            postfix["eval"] = f"{loss:.3f}"
-            bar.set_postfix(postfix)
-            if not benchmark:
-                return False
-            self.mlperf.eval_stop(samples())
-            self.mlperf.eval_accuracy(loss, samples())
-            return target > 0 and loss <= target
-
-        # SIGTERM or Ctrl-C: finish the current step, save, and stop (checked between steps); a
-        # second Ctrl-C stops at once (KeyboardInterrupt), without saving
-        stop_signal: list[int] = []
-
-        def on_signal(signum, _frame) -> None:
-            if signum == signal.SIGINT and signal.SIGINT in stop_signal:
-                raise KeyboardInterrupt
-            stop_signal.append(signum)
-
-        previous_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+        self.metrics_processor.start(self.step)  # the progress bar
+        self.checkpointer.listen()  # SIGTERM or Ctrl-C: stop after the step, saved
         self.backend.barrier()
         self.mlperf.run_start()
         # a step, eval or save that stops making progress ends the process (clm/watchdog.py),
         # after writing the metrics so far and an aborted run_stop
-        self.watch.attach(self.metrics, self.mlperf, samples)
-        failing = True  # until the loop and the final save are done
+        self.watch.attach(self.metrics, self.mlperf, self.samples)
+        failing, reached = True, False  # failing: until the loop and the final save are done
         try:
-            reached = cfg.do_first_eval and run_eval()
-            window_tokens, window_seconds = 0, 0.0
+            reached = cfg.do_first_eval and self._eval()
             if not reached:
-                self.mlperf.block_start(samples())
+                self.mlperf.block_start(self.samples())
             while not reached and self.step < cfg.max_steps:
-                self.watch.begin("step", f"step {self.step + 1}", "data")
-                batch = self.backend.local_rows(next(batches), cfg.gradient_accumulation_steps)
-                self.watch.phase(self.backend.compute_phase)
-                compiles = self.backend.compile_count()
-                read = self.reads_values(self.step + 1)
-                t0 = time.perf_counter()
-                with self.backend.profile(self.step + 1):
-                    values = self.train_step(batch, read)
-                    if read:  # else launched only: the wait lands in the next reading step's dt
-                        self.backend.sync()
-                dt = time.perf_counter() - t0
-                self.step += 1
-                # warm-up: the first 3 steps of this process may compile (AdamW state appears)
-                compiles = self._watch_compiles(
-                    f"step {self.step}", self.step - resumed_at > 3, compiles
-                )
-                if compiles is not None:
-                    values["perf/compiles"] = compiles
-                self.tokens_seen += self.tokens_per_step
-                self.train_seconds += dt
-                window_tokens += self.tokens_per_step
-                window_seconds += dt
-                if self.step % cfg.log_frequency == 0 or self.step == cfg.max_steps:
-                    values.update(self._perf(window_tokens, window_seconds))
-                    values["train/tokens_seen"] = self.tokens_seen
-                    if self.train_stream.skip_bad_records:
-                        values["data/skipped_records"] = self.train_stream.skipped_records
-                    self.metrics.log(self.step, values)
-                    self.mlperf.train_loss(values["train/loss"], samples())
-                    postfix.update(
-                        loss=f"{values['train/loss']:.3f}",
-                        tok_s=f"{values['perf/tokens_per_sec']:.0f}",
-                    )
-                    bar.set_postfix(postfix)
-                    window_tokens, window_seconds = 0, 0.0
-                bar.update(1)
-                self.watch.end()
-                # MLPerf evals only at the cadence (an off-cadence eval would not count); the
-                # last step is evaluated too, for metrics and the summary only (docs/MLPERF.md)
-                if self.step % cfg.eval_frequency == 0:
-                    self.mlperf.block_stop(samples())
-                    reached = run_eval()
-                    if not reached and self.step < cfg.max_steps:
-                        self.mlperf.block_start(samples())
-                elif self.step == cfg.max_steps:
-                    run_eval(benchmark=False)
+                self._step(batches)
+                reached = self._eval_if_due()
                 # the last step's checkpoint is the final save below: written once, not twice
-                last = reached or self.step >= cfg.max_steps
-                if cfg.save_frequency and self.step % cfg.save_frequency == 0 and not last:
-                    self.save_checkpoint(finished=False)
-                # a signal may reach the processes between different steps: stop all together
-                self.watch.begin(
-                    "step", f"the stop-signal check after step {self.step}", "collective", False
-                )
-                stopping = self.backend.any_process(bool(stop_signal))
-                self.watch.end()
-                if stopping and not reached:
-                    signum = stop_signal[0] if stop_signal else signal.SIGTERM  # another rank's
-                    raise Preempted(self._preempted_message(signum), signum)
-            if cfg.save_frequency:  # committed before the run ends, also when async
-                self.save_checkpoint(finished=True, wait=True)
+                self.checkpointer.save_if_due(self.step, reached or self.step >= cfg.max_steps)
+                self.checkpointer.stop_if_signalled(self.step, reached)
+            self.checkpointer.save_final(self.step)
             failing = False
             if reached:
-                self.watch.begin("save", f"the barrier after step {self.step}", "collective", False)
-                self.backend.barrier()
-                self.watch.end()
-                self.mlperf.run_stop("success", samples())
+                self._stop_at_target()
         except KeyboardInterrupt:  # the second Ctrl-C
             raise Preempted(
                 f"SIGINT twice: stopped at once after step {self.step}, without saving; rerun "
@@ -484,15 +315,84 @@ class Trainer:
             raise
         finally:
             self.watch.idle()  # what follows an error is not a step, eval or save
-            if self.saver is not None:  # an error on its way out: a save in flight ends first
-                self.saver.finish(failing)
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
+            self.checkpointer.finish(failing)  # a save in flight ends first; handlers back
             # max_steps without the target, or any exception: the run is aborted
-            self.mlperf.run_stop("aborted", samples())
-            bar.close()
-        if reached:
-            status = "target reached"
+            self.mlperf.run_stop("aborted", self.samples())
+            self.metrics_processor.close()
+        return self._summary(
+            "target reached" if reached else "max_steps reached", start, resumed_at
+        )
+
+    def samples(self) -> int:
+        """MLPerf's samples_count: the sequences trained on so far."""
+        return self.step * self.cfg.global_train_batch_size
+
+    def _step(self, batches) -> None:
+        """One optimizer step of the loop, watched from reading its batch to its record."""
+        self.watch.begin("step", f"step {self.step + 1}", "data")
+        batch = self.backend.local_rows(next(batches), self.cfg.gradient_accumulation_steps)
+        self.watch.phase(self.backend.compute_phase)
+        compiles = self.backend.compile_count()
+        read = self.reads_values(self.step + 1)
+        t0 = time.perf_counter()
+        with self.backend.profile(self.step + 1):
+            values = self.train_step(batch, read)
+            if read:  # else launched only: the wait lands in the next reading step's dt
+                self.backend.sync()
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.metrics_processor.step_compiles(self.step, compiles, values)
+        self.tokens_seen += self.tokens_per_step
+        self.train_seconds += dt
+        totals = {"train/tokens_seen": self.tokens_seen}
+        if self.train_stream.skip_bad_records:
+            totals["data/skipped_records"] = self.train_stream.skipped_records
+        self.metrics_processor.log_step(self.step, values, dt, totals)
+        self.watch.end()
+
+    def _eval_if_due(self) -> bool:
+        """MLPerf evals only at the cadence (an off-cadence eval would not count), each closing
+        a block; the last step is evaluated too, for metrics and the summary only
+        (docs/MLPERF.md). True when the target is reached."""
+        if self.step % self.cfg.eval_frequency == 0:
+            self.mlperf.block_stop(self.samples())
+            reached = self._eval()
+            if not reached and self.step < self.cfg.max_steps:
+                self.mlperf.block_start(self.samples())
+            return reached
+        if self.step == self.cfg.max_steps:
+            self._eval(benchmark=False)
+        return False
+
+    def _eval(self, benchmark: bool = True) -> bool:
+        """Evaluate now; True when that reaches the target. `benchmark=False` (the last step,
+        off the cadence): the loss goes to metrics and the summary but not to the MLPerf log,
+        and never counts as reaching the target."""
+        if benchmark:
+            self.mlperf.eval_start(self.samples())
+        compiles = self.backend.compile_count()
+        self.watch.begin("eval", f"the eval at step {self.step}", self.backend.compute_phase)
+        loss = self.evaluate()
+        self.watch.end()
+        self.metrics_processor.eval_compiles(self.step, compiles)
+        self.eval_losses.append((self.step, loss))
+        self.metrics_processor.log_eval(self.step, loss, self.tokens_seen)
+        if not benchmark:
+            return False
+        self.mlperf.eval_stop(self.samples())
+        self.mlperf.eval_accuracy(loss, self.samples())
+        target = float(self.cfg.target_eval_loss)
+        return target > 0 and loss <= target
+
+    def _stop_at_target(self) -> None:
+        """The target reached and the final save committed: every process here, then MLPerf's
+        run_stop with success."""
+        self.watch.begin("save", f"the barrier after step {self.step}", "collective", False)
+        self.backend.barrier()
+        self.watch.end()
+        self.mlperf.run_stop("success", self.samples())
+
+    def _summary(self, status: str, start: float, resumed_at: int) -> Summary:
         return Summary(
             status=status,
             steps=self.step,
@@ -504,18 +404,6 @@ class Trainer:
             resumed_at=resumed_at,
             final_eval_step=self.eval_losses[-1][0] if self.eval_losses else None,
         )
-
-    def _preempted_message(self, signum: int) -> str:
-        name = signal.Signals(signum).name
-        if not self.cfg.save_frequency:
-            return f"{name}: stopped after step {self.step} without a checkpoint (save_frequency=0)"
-        if self.saved_step == self.step:  # this step's periodic save: only wait for its commit
-            self.watch.begin("save", f"the save at step {self.step}", "checkpoint", False)
-            saved = self.saver.wait() if self.saver is not None else self.saved_at
-            self.watch.end()
-        else:
-            saved = self.save_checkpoint(finished=False, wait=True)
-        return f"{name}: stopped after step {self.step}; saved {saved}; rerun the same command to resume"
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self, finished: bool) -> dict:
@@ -542,56 +430,21 @@ class Trainer:
         self.data_position = state.get("data")  # None: an older checkpoint, replayed instead
         self.wandb_run_id = state.get("wandb_run_id")
 
-    def save_checkpoint(self, finished: bool, wait: bool = False) -> checkpoint.Location:
-        """Save this step; returns its directory. Synchronous, or with `async_saves` staged to
-        host memory here and written by the saver's thread (committed on return with `wait`;
-        otherwise the next save, or the end of the run, waits for it and raises its error)."""
-        self.watch.begin("save", f"the save at step {self.step}", "checkpoint")
-        self.metrics.sync()  # the records up to this step are on disk before it commits
-        args = (checkpoint.location(self.cfg.save_dir), self.step, self.model, self.optimizer)
-        args += (self.state_dict(finished),)
-        kwargs = {"keep_last_n": int(self.cfg.keep_last_n), "is_main": self.backend.is_main}
-        self.saved_step = self.step
-        if not self.async_saves:
-            options = self.backend.checkpoint_options(load=False)
-            self.saved_at = checkpoint.save(*args, **kwargs, **options)
-            self.watch.end()
-            return self.saved_at
-        if self.saver is None:  # on every process at the same save (it creates a gloo group)
-            self.saver = checkpoint.AsyncSaver(collective_timeout(self.cfg))
-        self.saved_at = self.saver.save(*args, **kwargs, stage=self.backend.stage_checkpoint)
-        saved = self.saver.wait() if wait else self.saved_at
-        self.watch.end()
-        return saved
-
-    def _watch_compiles(self, what: str, warm: bool, before: int | None) -> int | None:
-        """The compile count now; after warm-up a new compile warns or stops the run.
-
-        A recompile means a shape or a traced Python value changed between steps, which on a
-        TPU pod costs minutes each time; `xla_recompile` says what to do about it.
-        """
-        now = self.backend.compile_count()
-        if now is None or before is None or not warm or now == before:
-            return now
-        message = (
-            f"XLA compiled {now - before} new program(s) during {what}, after warm-up: a "
-            "tensor shape or a traced Python value changed (xla_recompile=warn|error|ignore)"
-        )
-        policy = self.cfg.get("xla_recompile", "warn")
-        if policy == "error":
-            raise TrainingError(message)
-        if policy == "warn" and self.backend.is_main:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
-        return now
-
-    def _perf(self, tokens: int, seconds: float) -> dict[str, float]:
-        tokens_per_sec = tokens / max(seconds, 1e-9)
-        per_device = tokens_per_sec / self.backend.world_size
-        tflops = per_device * self.flops_per_token / 1e12
-        values = {"perf/tokens_per_sec": tokens_per_sec, "perf/tflops_per_device": tflops}
-        if self.peak_tflops:
-            values["perf/mfu"] = tflops / self.peak_tflops
-        return values
+    def restore(self, resume_from: checkpoint.Location | None = None) -> None:
+        """Resume an interrupted run (`resume_from`: prepare_run_dir's), or start from
+        `checkpoint_manager_path` when given (clm.checkpointer.Checkpointer.load)."""
+        loaded = self.checkpointer.load(resume_from)
+        if loaded is None:
+            return
+        source, state = loaded
+        if state:
+            self.load_state_dict(state)
+        if resume_from is None:  # started from another run's checkpoint: a W&B run of its own
+            self.wandb_run_id = None
+        if self.backend.is_main:
+            print(f"restored {source} (step {self.step})", flush=True)
+            if state:
+                print(f"data stream: {data_lib.describe_position(self.data_position)}", flush=True)
 
 
 def describe(summary: Summary, cfg: DictConfig, run_dir: Path) -> str:
@@ -744,7 +597,7 @@ def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
         mlperf=mlperf,
         watchdog=watch,
     )
-    _restore(cfg, trainer, resume_from)
+    trainer.restore(resume_from)
     exit_code = 1  # what W&B records if the run ends with an exception
     try:
         if backend.is_main and wandb_log.enabled(cfg):  # in the MLPerf init phase, not timed
@@ -764,30 +617,6 @@ def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
     if backend.is_main:
         print(describe(summary, cfg, run_dir), flush=True)
     return summary
-
-
-def _restore(cfg: DictConfig, trainer: Trainer, resume_from: checkpoint.Location | None) -> None:
-    """Resume an interrupted run, or start from `checkpoint_manager_path` when given.
-
-    Either may be a local path or an fsspec URL (gs:// with the 'gcs' extra).
-    """
-    source = resume_from
-    if source is None and cfg.checkpoint_manager_path:
-        path = checkpoint.location(cfg.checkpoint_manager_path)
-        source = checkpoint.latest(path) or path  # a save_dir or one checkpoint
-    if source is None:
-        return
-    state = checkpoint.restore(
-        source, trainer.model, trainer.optimizer, **trainer.backend.checkpoint_options(load=True)
-    )
-    if state:
-        trainer.load_state_dict(state)
-    if resume_from is None:  # started from another run's checkpoint: a W&B run of its own
-        trainer.wandb_run_id = None
-    if trainer.backend.is_main:
-        print(f"restored {source} (step {trainer.step})", flush=True)
-        if state:
-            print(f"data stream: {data_lib.describe_position(trainer.data_position)}", flush=True)
 
 
 def _check_vocab(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> None:

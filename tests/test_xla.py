@@ -416,7 +416,8 @@ def test_backend_xla_without_torch_xla_is_a_config_error(monkeypatch):
 
 
 class _CountingBackend:
-    """The two things `_watch_compiles` reads from a backend: a compile count and is_main."""
+    """What the compile watch reads from a backend: a compile count and is_main (and the device
+    description, for the metrics processor's MFU)."""
 
     is_main = True
 
@@ -426,31 +427,53 @@ class _CountingBackend:
     def compile_count(self) -> int:
         return self.count
 
+    def device_description(self) -> str:
+        return "1 XLA CPU device"
+
 
 @pytest.mark.parametrize("policy", ["warn", "error", "ignore"])
 def test_a_recompile_after_warm_up_follows_xla_recompile(policy, capsys):
-    from types import SimpleNamespace
-
+    """This process's first 3 steps and first eval may compile (a resumed run's too, whatever
+    its step numbers); a new compile after that follows xla_recompile."""
     from omegaconf import OmegaConf
 
-    from clm.trainer import Trainer, TrainingError
+    from clm.errors import TrainingError
+    from clm.metrics_processor import MetricsProcessor
 
-    trainer = SimpleNamespace(
-        backend=_CountingBackend(9), cfg=OmegaConf.create({"xla_recompile": policy})
+    cfg = OmegaConf.create({"xla_recompile": policy, "peak_tflops_per_device": None})
+    processor = MetricsProcessor(
+        cfg=cfg,
+        backend=_CountingBackend(9),
+        metrics=None,
+        mlperf=None,
+        tokens_per_step=1,
+        flops_per_token=1.0,
     )
-    assert Trainer._watch_compiles(trainer, "step 2", False, 4) == 9  # warm-up: silent
-    assert Trainer._watch_compiles(trainer, "step 5", True, 9) == 9  # nothing new: silent
+    assert processor.watch_compiles("step 2", False, 4) == 9  # warm-up: silent
+    assert processor.watch_compiles("step 5", True, 9) == 9  # nothing new: silent
+    for step in (6, 7, 8):  # a run resumed at step 5: its first 3 steps may compile
+        values = {}
+        processor.step_compiles(step, 8, values)
+        assert values == {"perf/compiles": 9}
+    processor.eval_compiles(8, 8)  # its first eval too
     assert capsys.readouterr().err == ""
     if policy == "error":
         with pytest.raises(TrainingError, match="XLA compiled 1 new program"):
-            Trainer._watch_compiles(trainer, "step 5", True, 8)
+            processor.step_compiles(9, 8, {})
+        with pytest.raises(TrainingError, match="during the eval at step 9"):
+            processor.eval_compiles(9, 8)
         return
-    assert Trainer._watch_compiles(trainer, "step 5", True, 8) == 9
-    err = capsys.readouterr().err
+    values = {}
+    processor.step_compiles(9, 8, values)
+    assert values == {"perf/compiles": 9}
+    processor.eval_compiles(9, 8)
+    err = capsys.readouterr().err.splitlines()
     if policy == "warn":
-        assert err.startswith("warning: XLA compiled 1 new program(s) during step 5")
+        assert len(err) == 2
+        assert err[0].startswith("warning: XLA compiled 1 new program(s) during step 9, after")
+        assert err[1].startswith("warning: XLA compiled 1 new program(s) during the eval at step 9")
     else:
-        assert err == ""
+        assert err == []
 
 
 @needs_xla
