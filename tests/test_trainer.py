@@ -1,22 +1,30 @@
-"""Model build, loss arithmetic and the optimizer step, in process on tiny real models."""
+"""Model build, loss arithmetic, the optimizer step and the whole loop, in process on tiny real
+models."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import signal
 
+import golden
 import pytest
 import torch
 from conftest import CLM
 from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
+from clm import checkpoint, data, optim
 from clm import config as config_lib
-from clm import data, optim
 from clm import model as model_lib
+from clm.backends import select_backend
 from clm.backends.torch_backend import TorchBackend
-from clm.metrics import MetricsWriter
-from clm.mlperf import MLPerfLogger
-from clm.trainer import Trainer
+from clm.checkpointer import prepare_run_dir
+from clm.errors import Preempted
+from clm.metrics import MetricsWriter, read_metrics
+from clm.mlperf import MLPerfLogger, compliance_path
+from clm.tokenizer import load_tokenizer
+from clm.trainer import Trainer, build_eval_set, build_train_stream
 
 CPU = torch.device("cpu")
 
@@ -190,3 +198,104 @@ def test_aux_loss_in_training_only():
     _, _, aux = model_lib.forward(model, batch, with_aux=True)
     assert aux is not None and aux.item() > 0
     assert model_lib.forward(model, batch, with_aux=False)[2] is None
+
+
+# tests/test_xla.py's CPU reference run (tests/golden/cpu_4_steps.json): the embedded default
+# model, 8 rows x 64 tokens, evals at steps 2 and 4, saves at steps 2 and 4
+GOLDEN_CPU_RUN = [
+    "backend=cpu",
+    "max_length=64",
+    "n_eval_examples=5",
+    "max_steps=4",
+    "eval_frequency=2",
+    "target_eval_loss=0",
+    "per_device_train_batch_size=8",
+    "save_frequency=2",
+]
+
+
+@contextlib.contextmanager
+def trainer_as_run_builds_it(output_dir, *overrides):
+    """A Trainer built in this process the way clm.trainer.run builds one on backend=cpu (the
+    same config, run directory decision, seed, data, model, optimizer and restore; no lease, no
+    memory check, no W&B), with keyword arguments; its writers closed on leaving."""
+    cfg = config_lib.compose([f"output_dir={output_dir}", "progress_bar=false", *overrides])
+    config_lib.validate(cfg)
+    backend = select_backend(cfg)
+    config_lib.finalize(cfg, backend.data_parallel_size)
+    run_dir, resume_from, resume_step = prepare_run_dir(cfg, backend)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.dataset.tokenizer_sha256)
+    eval_set = build_eval_set(cfg, tokenizer)
+    train_stream = build_train_stream(cfg, tokenizer)
+    model = model_lib.build_model(
+        cfg.model, backend.init_device, cfg.seed, sequence_length=cfg.max_length
+    )
+    model = backend.wrap_model(model)
+    adamw = backend.optimizer_class(cfg.optimizer)
+    optimizer = optim.build_optimizer(model, cfg, backend.device, adamw)
+    metrics = MetricsWriter(run_dir, purge_step=resume_step + 1 if resume_from else None)
+    mlperf = MLPerfLogger(cfg, compliance_path(run_dir))
+    trainer = Trainer(
+        cfg=cfg,
+        backend=backend,
+        model=model,
+        optimizer=optimizer,
+        scheduler=optim.build_scheduler(optimizer, cfg.sched, float(cfg.lr)),
+        train_stream=train_stream,
+        eval_set=eval_set,
+        metrics=metrics,
+        mlperf=mlperf,
+    )
+    trainer.restore(resume_from)
+    try:
+        yield trainer
+    finally:
+        metrics.close()
+        mlperf.close()
+
+
+def test_a_trainer_driven_in_process_stops_on_sigterm_resumes_and_is_golden(tmp_path, capsys):
+    """The loop, its checkpointer and its metrics processor in this process: SIGTERM after step 3
+    saves step 3 and raises Preempted; a Trainer built again resumes from it and finishes. The
+    run's records are those of the subprocess run in tests/golden/cpu_4_steps.json, bitwise."""
+    handler = signal.getsignal(signal.SIGTERM)
+    with trainer_as_run_builds_it(tmp_path, *GOLDEN_CPU_RUN) as trainer:
+        take_step = trainer._step
+
+        def step_then_sigterm(batches):
+            take_step(batches)
+            if trainer.step == 3:  # delivered to the checkpointer's handler, like a preemption
+                signal.raise_signal(signal.SIGTERM)
+
+        trainer._step = step_then_sigterm
+        with pytest.raises(Preempted) as stopped:
+            trainer.train()
+    save_dir = tmp_path / "embedded_default" / "checkpoints"
+    assert str(stopped.value) == (
+        f"SIGTERM: stopped after step 3; saved {save_dir / 'step_00000003'}; rerun the same "
+        "command to resume"
+    )
+    assert stopped.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == handler  # the checkpointer's handler is gone
+    assert [p.name for p in checkpoint.committed(save_dir)] == ["step_00000002", "step_00000003"]
+    first = read_metrics(tmp_path / "embedded_default")
+    assert [r["step"] for r in first] == [1, 2, 2, 3]
+
+    with trainer_as_run_builds_it(tmp_path, *GOLDEN_CPU_RUN) as trainer:
+        assert (trainer.step, trainer.tokens_seen) == (3, 3 * 8 * 64)
+        summary = trainer.train()
+    out = capsys.readouterr().out
+    assert f"restored {save_dir / 'step_00000003'} (step 3)" in out
+    assert "data stream: epoch 0, " in out
+    assert (summary.status, summary.steps, summary.resumed_at) == ("max_steps reached", 4, 3)
+    assert summary.tokens == 4 * 8 * 64
+    records = read_metrics(tmp_path / "embedded_default")
+    assert golden.differences("cpu_4_steps", records) == []
+    evals = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
+    assert summary.eval_losses == evals and evals[-1] == (4, summary.final_eval_loss)
+    for record in (r for r in records if "train/loss" in r):
+        assert record["train/tokens_seen"] == record["step"] * 8 * 64
+        assert record["perf/tokens_per_sec"] > 0 and record["perf/tflops_per_device"] > 0
+    assert [p.name for p in checkpoint.committed(save_dir)] == ["step_00000003", "step_00000004"]
+    assert checkpoint.read_trainer_state(save_dir / "step_00000004")["finished"] is True
