@@ -1,7 +1,8 @@
 """The training lifecycle: build everything in a fixed order, then train until a stop rule.
 
 Order (each step may fail with a one-line error before the next costs anything):
-  validate config -> backend (devices) -> derived sizes -> memory estimate (clm.memory) ->
+  validate config -> model spec (clm.spec) -> backend (devices) -> derived sizes ->
+  memory estimate (clm.memory) ->
   the run directory's lease (clm.lease) -> run directory -> tokenizer -> eval set and train stream (data errors surface here) ->
   model (meta -> device -> init) -> optimizer and schedule -> restore -> W&B (main process,
   optional; never fails the run) -> loop.
@@ -48,6 +49,7 @@ from clm import model as model_lib
 from clm.backends import Backend, select_backend
 from clm.metrics import MetricsWriter, peak_tflops, training_flops_per_token
 from clm.mlperf import MLPerfLogger, compliance_path
+from clm.spec import ModelSpec, load_spec
 from clm.tokenizer import load_tokenizer
 from clm.watchdog import Watchdog, collective_timeout
 
@@ -182,6 +184,8 @@ class Trainer:
         metrics: MetricsWriter,
         mlperf: MLPerfLogger,
         watchdog: Watchdog | None = None,
+        *,
+        spec: ModelSpec,
     ):
         self.cfg = cfg
         self.backend = backend
@@ -198,11 +202,11 @@ class Trainer:
         self.eval_losses: list[tuple[int, float]] = []
         self.data_position: dict | None = None  # the stream's saved position (from a checkpoint)
         self.wandb_run_id: str | None = None  # saved in checkpoints: a resume continues the run
-        self.is_moe = model_lib.is_moe(model.config)
-        self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+        self.is_moe = spec.moe is not None
+        self.aux_coef = spec.aux_loss_coef
         self.tokens_per_step = cfg.global_train_batch_size * cfg.max_length
         _, active = model_lib.count_parameters(model)
-        self.flops_per_token = training_flops_per_token(model, active, cfg.max_length)
+        self.flops_per_token = training_flops_per_token(spec, active, cfg.max_length)
         self.peak_tflops = peak_tflops(backend.device_description(), cfg.peak_tflops_per_device)
         self.local_devices = backend.local_data_parallel_size  # devices whose rows we compute
         # processes that each compute their own load-balancing loss on their own rows; their
@@ -656,11 +660,12 @@ def build_eval_set(cfg: DictConfig, tokenizer) -> data_lib.EvalSet:
 def run(cfg: DictConfig) -> Summary:
     """Build every component in order, then train. Returns the summary."""
     config_lib.validate(cfg)
+    spec = load_spec(cfg.model, cfg.max_length)  # the model JSON, read and checked once
     backend = select_backend(cfg)
     # heartbeats from here on; the training loop's steps, evals and saves are bounded
     watch = Watchdog.for_run(cfg, backend)
     try:
-        return _run(cfg, backend, watch)
+        return _run(cfg, backend, watch, spec)
     except Exception as error:  # a collective that failed outside the loop: one line, exit 1
         watch.on_error(error, "start-up or shutdown")
         raise
@@ -668,17 +673,17 @@ def run(cfg: DictConfig) -> Summary:
         watch.stop()
 
 
-def _run(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
+def _run(cfg: DictConfig, backend: Backend, watch: Watchdog, spec: ModelSpec) -> Summary:
     """run() once the backend (and its process group) exists."""
     config_lib.finalize(cfg, backend.data_parallel_size)
-    memory.check(cfg, backend)  # before anything is written or built
+    memory.check(cfg, backend, spec)  # before anything is written or built
     # one run per run directory (clm.lease): taken before prepare_run_dir looks at the files,
     # held until the run ends however it ends; while another run holds it: exit 2 naming it
     with lease_lib.hold(cfg, backend):
-        return _run_leased(cfg, backend, watch)
+        return _run_leased(cfg, backend, watch, spec)
 
 
-def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
+def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog, spec: ModelSpec) -> Summary:
     """run()'s work once the run directory is this run's."""
     run_dir, resume_from, resume_step = prepare_run_dir(cfg, backend)
     if backend.is_main:
@@ -699,16 +704,12 @@ def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
             flush=True,
         )
     if backend.shards_meta_model:
-        model = model_lib.build_sharded_model(
-            cfg.model, backend.device, cfg.seed, backend.wrap_model, cfg.max_length
-        )
+        model = model_lib.build_sharded_model(spec, backend.device, cfg.seed, backend.wrap_model)
     else:
         place, region = None, None
         if backend.places_weights:
             place, region = backend.place, backend.region
-        model = model_lib.build_model(
-            cfg.model, backend.init_device, cfg.seed, place, region, cfg.max_length
-        )
+        model = model_lib.build_model(spec, backend.init_device, cfg.seed, place, region)
         model = backend.wrap_model(model)
     _check_vocab(cfg, model, tokenizer)
     optimizer = optim.build_optimizer(
@@ -731,14 +732,24 @@ def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
         )
     mlperf.log_hparams(
         cfg,
+        spec,
         eval_samples=eval_set.num_real_rows,
         train_samples=None,
         warmup_steps=config_lib.warmup_steps(cfg.sched),
-        moe_aux_loss_coeff=float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0),
         parallelism=backend.parallelism,
     )
     trainer = Trainer(
-        cfg, backend, model, optimizer, scheduler, train_stream, eval_set, metrics, mlperf, watch
+        cfg,
+        backend,
+        model,
+        optimizer,
+        scheduler,
+        train_stream,
+        eval_set,
+        metrics,
+        mlperf,
+        watch,
+        spec=spec,
     )
     _restore(cfg, trainer, resume_from)
     exit_code = 1  # what W&B records if the run ends with an exception
