@@ -23,10 +23,11 @@ from omegaconf import OmegaConf
 from clm import checkpoint
 from clm.config import CLM_DIR, register_resolvers
 from clm.model import build_model
+from clm.spec import load_spec
 
 # the embedded default's model: the `model` group's default, as the trainer composes it
 register_resolvers()  # its config_path is ${embedded_model:...}
-MODEL = OmegaConf.load(CLM_DIR / "config" / "model" / "blank_model.yaml")
+MODEL = load_spec(OmegaConf.load(CLM_DIR / "config" / "model" / "blank_model.yaml"))
 
 
 def main(kind: str, saves: int = 5) -> None:

@@ -26,7 +26,6 @@ targets for the sizes measured: at the embedded dims our default >= 1.5x HF; at 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -39,8 +38,8 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from clm import moe
 from clm.config import CLM_DIR, register_resolvers
+from clm.spec import IMPLEMENTATIONS, MoESpec, load_spec
 
-EMBEDDED_JSON = CLM_DIR / "mixtral_small.json"
 MID_SHAPE = "4096x1024x3584x8"
 MIXTRAL_8X7B_SHAPE = "4096x4096x14336x8"  # CUDA only
 CAPACITY_FACTOR = 1.25
@@ -53,30 +52,24 @@ DEFAULT = "dropless (grouped_mm)"  # what the embedded run uses (dropless, CPU k
 VARIANTS = {
     "hf (grouped_mm)": ("grouped_mm", 0.0, None),
     "hf eager": ("eager", 0.0, None),
-    "dense": ("clm_dense", 0.0, None),
-    f"dropping cf={CAPACITY_FACTOR}": ("clm_dropping", CAPACITY_FACTOR, None),
-    "dropping no-drop": ("clm_dropping", "nodrop", None),
-    "dropless (grouped_mm)": ("clm_dropless", 0.0, "grouped_mm"),
-    "dropless (loop)": ("clm_dropless", 0.0, "loop"),
+    "dense": ("dense", 0.0, None),
+    f"dropping cf={CAPACITY_FACTOR}": ("dropping", CAPACITY_FACTOR, None),
+    "dropping no-drop": ("dropping", "nodrop", None),
+    "dropless (grouped_mm)": ("dropless", 0.0, "grouped_mm"),
+    "dropless (loop)": ("dropless", 0.0, "loop"),
 }
 CPU_ONLY = ("dropless (loop)",)  # the CPU backend switch: on CUDA dropless is always the kernel
 
 
 def embedded_sizes() -> tuple[int, int, int, int, int]:
     """(tokens, hidden, ffn, experts, top-k) of the embedded default run."""
-    model = json.loads(EMBEDDED_JSON.read_text())
     # The embedded run is clm/config composed with no overrides, as run_clm.py does.
     register_resolvers()
     with initialize_config_dir(str(CLM_DIR / "config"), version_base=None):
         cfg = compose("config")
+    spec = load_spec(cfg.model, cfg.max_length)
     tokens = int(cfg.per_device_train_batch_size) * int(cfg.max_length)
-    return (
-        tokens,
-        int(model["hidden_size"]),
-        int(model["intermediate_size"]),
-        int(model["num_local_experts"]),
-        int(model["num_experts_per_tok"]),
-    )
+    return tokens, spec.hidden, spec.ffn, spec.moe.num_experts, spec.moe.top_k
 
 
 def parse_shape(shape: str, default_experts: int) -> tuple[int, int, int, int]:
@@ -90,7 +83,7 @@ def parse_shape(shape: str, default_experts: int) -> tuple[int, int, int, int]:
 
 
 def make_layer(dim: int, ffn: int, experts: int, top_k: int, device, dtype, seed: int = 0):
-    """A Mixtral experts layer with the registry and capacity attributes ours read."""
+    """A Mixtral experts layer, its config pointed at our dropless experts (`select` repoints)."""
     config = MixtralConfig(
         hidden_size=dim,
         intermediate_size=ffn,
@@ -99,7 +92,7 @@ def make_layer(dim: int, ffn: int, experts: int, top_k: int, device, dtype, seed
         num_attention_heads=4,
         num_key_value_heads=4,
     )
-    moe.configure_moe(config, "dropless", 0.0)
+    moe.configure_moe(config, MoESpec(experts, top_k, "dropless"))
     torch.manual_seed(seed)
     layer = MixtralExperts(config)
     for weight in (layer.gate_up_proj, layer.down_proj):
@@ -153,12 +146,16 @@ def matmul_seconds(layer, variant, x_TD, index_TK, weights_TK, grad_TD, calls: i
 
 
 def select(layer, variant: str) -> None:
-    """Point the layer at a variant: experts function, capacity factor, dropless backend."""
-    key, capacity_factor, backend = VARIANTS[variant]
+    """Point the layer at a variant: experts function (ours bound to a MoESpec of its capacity
+    factor, or transformers' by name), dropless backend."""
+    name, capacity_factor, backend = VARIANTS[variant]
+    top_k = layer.config.num_experts_per_tok
     if capacity_factor == "nodrop":  # capacity = T: an expert can take every token
-        capacity_factor = layer.num_experts / layer.config.num_experts_per_tok
+        capacity_factor = layer.num_experts / top_k
+    key = name
+    if name in IMPLEMENTATIONS:
+        key = moe.experts_key(MoESpec(layer.num_experts, top_k, name, capacity_factor))
     layer.config._experts_implementation = key
-    setattr(layer.config, moe.CAPACITY_FACTOR_ATTR, capacity_factor)
     moe.CPU_DROPLESS_BACKEND = backend or "grouped_mm"
 
 
@@ -282,7 +279,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    moe.register_experts_functions()
 
     tokens, dim, ffn, experts, top_k = embedded_sizes()
     embedded_shape = f"{tokens}x{dim}x{ffn}x{experts}"

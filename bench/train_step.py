@@ -32,12 +32,13 @@ import time
 
 import torch
 from hydra import compose, initialize_config_dir
-from transformers import MixtralForCausalLM
+from transformers import AutoConfig, MixtralForCausalLM
 
 from clm import config as config_lib
 from clm import model as model_lib
 from clm import optim
 from clm.backends import select_backend
+from clm.spec import load_spec
 from clm.tokenizer import load_tokenizer
 from clm.trainer import Trainer, build_train_stream
 
@@ -63,17 +64,19 @@ class Ours:
 
     name = "ours"
 
-    def __init__(self, cfg, backend):
-        model = model_lib.build_model(
-            cfg.model, backend.init_device, cfg.seed, sequence_length=cfg.max_length
-        )
-        model = backend.wrap_model(model)
+    def __init__(self, cfg, spec, backend):
+        model = backend.wrap_model(model_lib.build_model(spec, backend.init_device, cfg.seed))
         adamw = backend.optimizer_class(cfg.optimizer)
         optimizer = optim.build_optimizer(model, cfg, backend.device, adamw)
         scheduler = optim.build_scheduler(optimizer, cfg.sched, float(cfg.lr))
         # train_step touches none of the stream, eval set, metrics writer or MLPerf logger
         self.trainer = Trainer(
-            cfg=cfg, backend=backend, model=model, optimizer=optimizer, scheduler=scheduler
+            cfg=cfg,
+            backend=backend,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            spec=spec,
         )
         self.model = model
 
@@ -86,8 +89,9 @@ class StockHF:
 
     name = "hf"
 
-    def __init__(self, cfg, backend, init_state: dict[str, torch.Tensor]):
-        config = model_lib.build_hf_config(cfg.model)  # the same JSON, no experts override
+    def __init__(self, cfg, spec, backend, init_state: dict[str, torch.Tensor]):
+        config = AutoConfig.for_model(**spec.hf_values())  # the same JSON, HF's own experts
+        config.router_aux_loss_coef, config.use_cache = spec.aux_loss_coef, False
         torch.manual_seed(cfg.seed)
         model = MixtralForCausalLM(config).to(backend.device, model_lib.DTYPES[cfg.model.dtype])
         model.load_state_dict(init_state)
@@ -140,19 +144,20 @@ def main() -> None:
     cfg = compose_cfg(args.overrides)
     backend = select_backend(cfg)
     config_lib.finalize(cfg, backend.data_parallel_size)
+    spec = load_spec(cfg.model, cfg.max_length)
     if cfg.gradient_accumulation_steps != 1 or backend.data_parallel_size != 1:
         raise SystemExit("the stock HF loop is one device, one micro-batch per step")
     if cfg.model.dtype != "float32":
         print(f"note: model.dtype={cfg.model.dtype}; the HF side uses the same dtype")
     setup = time.perf_counter()
     batches = real_batches(cfg, args.warmup + args.steps)
-    ours = Ours(cfg, backend)
+    ours = Ours(cfg, spec, backend)
     init_state = {k: v.detach().clone() for k, v in ours.model.state_dict().items()}
-    hf = StockHF(cfg, backend, init_state)
+    hf = StockHF(cfg, spec, backend, init_state)
     del init_state
     setup = time.perf_counter() - setup
     experts = (
-        getattr(ours.model.config, "_experts_implementation", None),
+        f"clm_{spec.moe.implementation}",
         getattr(hf.model.config, "_experts_implementation", None),
     )
     total, active = model_lib.count_parameters(ours.model)

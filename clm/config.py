@@ -8,7 +8,6 @@ touched.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -192,7 +191,10 @@ def check_types(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks that need no device and no data. Raises ConfigError naming the key."""
+    """Checks that need no device and no data. Raises ConfigError naming the key.
+
+    The `model` keys and the architecture JSON they name are checked by `clm.spec.load_spec`,
+    which every entry point calls next (the JSON is read there, once)."""
     check_types(cfg)
     _check(cfg.backend in BACKENDS, f"backend={cfg.backend}: must be one of {', '.join(BACKENDS)}")
     _check(
@@ -246,10 +248,6 @@ def validate(cfg: DictConfig) -> None:
         f"target_eval_loss={cfg.target_eval_loss}: must be >= 0 (0: no early stop)",
     )
     _check(
-        float(cfg.model.capacity_factor) >= 0,
-        f"model.capacity_factor={cfg.model.capacity_factor}: must be >= 0 (0: dropless)",
-    )
-    _check(
         cfg.n_eval_examples is None or int(cfg.n_eval_examples) >= 1,
         f"n_eval_examples={cfg.n_eval_examples}: must be >= 1 or null (all documents)",
     )
@@ -258,31 +256,6 @@ def validate(cfg: DictConfig) -> None:
         0 <= first < last,
         f"dataset.train_shards=[{first}, {last}]: need 0 <= first < last (a half-open range)",
     )
-    _check(
-        cfg.model.config_path is not None or cfg.model.name_or_path is not None,
-        "model.config_path and model.name_or_path are both null: set one",
-    )
-    if cfg.model.config_path is None:
-        name = str(cfg.model.name_or_path)
-        _check(
-            pretrained_available(name),
-            f"model.name_or_path={name}: not a local model directory and not in the local HF "
-            "cache (nothing is downloaded); for the reference's GPT-2 dry run use "
-            "+experiment=dry_run_gpt2 (a tiny local GPT-2), else pass a local HF model directory "
-            "(config.json and *.safetensors) or set model.config_path",
-        )
-    if cfg.model.config_path is not None:
-        path = resolve_config_file(cfg.model.config_path)
-        try:
-            model_json = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-        positions = model_json.get("max_position_embeddings", model_json.get("n_positions"))
-        _check(
-            positions is None or int(cfg.max_length) <= int(positions),
-            f"max_length={cfg.max_length}: above the model's max_position_embeddings={positions} "
-            f"({path.name})",
-        )
     warmup = warmup_steps(cfg.sched)
     _check(
         warmup <= cfg.max_steps,
@@ -357,19 +330,6 @@ def _validate_wandb(node) -> None:
             and 1 <= len(str(tag)) <= 64,
             f"wandb.tags: {tag!r} is not a tag (text of 1 to 64 characters)",
         )
-
-
-def pretrained_available(name_or_path: str) -> bool:
-    """A local model directory, or a model id whose config.json is in the local HF cache (what
-    clm.model loads with local_files_only)."""
-    if Path(name_or_path).is_dir():
-        return (Path(name_or_path) / "config.json").is_file()
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
-    except ValueError:  # not a valid model id (e.g. a path that does not exist)
-        return False
 
 
 # key names ending like these hold secrets (hf_token, db_password, ...; not pad_token_id)

@@ -117,10 +117,12 @@ def shard_experts(model: torch.nn.Module, ep_mesh) -> list[torch.nn.Module]:
     rank = ep_mesh.get_local_rank()
     for experts in modules:
         implementation = getattr(experts.config, "_experts_implementation", None)
-        if implementation not in (moe.REGISTRY_KEYS["dropless"], REGISTRY_KEY):
+        spec = moe.spec_of(experts)
+        if implementation != REGISTRY_KEY and (spec is None or spec.implementation != "dropless"):
+            name = "hf" if spec is None else spec.implementation
             raise ConfigError(
                 f"expert_parallelism={ep} runs the dropless experts; model.moe_implementation="
-                f"{implementation!r} is not supported with it (set model.capacity_factor=0 and "
+                f"{name!r} is not supported with it (set model.capacity_factor=0 and "
                 "model.moe_implementation=null)"
             )
         if experts.num_experts % ep:

@@ -19,29 +19,31 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from clm import plan
 from clm.config import ConfigError
+from clm.spec import ModelSpec
 
 GIB = 2**30
 
 
-def check(cfg: DictConfig, backend) -> None:
-    """ConfigError when clm.plan's estimate for this run exceeds the device's usable memory;
-    with check_memory=false a warning on stderr instead."""
+def check(cfg: DictConfig, backend, spec: ModelSpec) -> None:
+    """ConfigError when clm.plan's estimate for this run (of the model `spec`) exceeds the
+    device's usable memory; with check_memory=false a warning on stderr instead."""
     free = free_bytes(backend)
     if free is None:
         return
     try:
-        shape = plan.load_model_shape(cfg.model)
+        plan.check_plannable(spec)
     except ConfigError:  # not a Mixtral: the planner has no model of it
         return
     usable = free * (1 - plan.DEFAULT_HBM_RESERVE)
     batch = int(cfg.per_device_train_batch_size)
-    memory = _estimate(shape, cfg.model, backend, batch, int(cfg.max_length))
+    memory = _estimate(spec, backend, batch, int(cfg.max_length))
     if memory.peak <= usable:
         return
     where = f"{backend.device_description()} has {free / GIB:.1f} GiB free"
@@ -56,21 +58,21 @@ def check(cfg: DictConfig, backend) -> None:
         if backend.is_main:
             print(f"warning: {message}; check_memory=false: starting anyway", file=sys.stderr)
         return
-    fits = _what_fits(cfg, shape, backend, usable)
+    fits = _what_fits(cfg, spec, backend, usable)
     raise ConfigError(f"{message}; {fits}; check_memory=false starts anyway")
 
 
-def _estimate(shape, model_cfg: DictConfig, backend, rows: int, seq_len: int) -> plan.Memory:
+def _estimate(spec: ModelSpec, backend, rows: int, seq_len: int) -> plan.Memory:
     """Bytes per device of one training step: FSDP shards the model state over the ranks
     (expert parallelism splits the experts first), one device holds all of it otherwise."""
     axis_sizes = {}
     if backend.name == "fsdp":
         expert = int(getattr(backend, "ep", 1))
         axis_sizes = {"fsdp": backend.world_size // expert, "expert": expert}
-    return plan.memory_per_device(shape, model_cfg, axis_sizes, rows, seq_len, "flash")
+    return plan.memory_per_device(spec, axis_sizes, rows, seq_len, "flash")
 
 
-def _what_fits(cfg: DictConfig, shape, backend, usable: float) -> str:
+def _what_fits(cfg: DictConfig, spec: ModelSpec, backend, usable: float) -> str:
     """The least change that fits: gradient checkpointing, then smaller micro-batches with the
     same global batch (more accumulation), then bfloat16 (single process: FSDP keeps fp32
     master weights), each alone before combined. Or what to do when nothing does."""
@@ -95,10 +97,8 @@ def _what_fits(cfg: DictConfig, shape, backend, usable: float) -> str:
                 if not changes:
                     continue
                 recompute = recompute or bool(cfg.model.gradient_checkpointing)
-                model_cfg = OmegaConf.merge(
-                    cfg.model, {"dtype": dtype, "gradient_checkpointing": recompute}
-                )
-                peak = _estimate(shape, model_cfg, backend, rows, int(cfg.max_length)).peak
+                changed = replace(spec, dtype=dtype, gradient_checkpointing=recompute)
+                peak = _estimate(changed, backend, rows, int(cfg.max_length)).peak
                 overrides = " ".join(f"{k}={v}" for k, v in changes.items())
                 if peak <= usable:
                     return f"these overrides would fit: {overrides} ({peak / GIB:.1f} GiB)"

@@ -17,6 +17,7 @@ import torch
 
 from clm.errors import OutputWriteError, describe
 from clm.model_math import flops_per_token
+from clm.spec import ModelSpec
 
 # Dense bf16 peak TFLOP/s per device, matched on the device name (case-insensitive).
 PEAK_TFLOPS = {
@@ -41,16 +42,11 @@ def peak_tflops(device_description: str, configured: float | None) -> float | No
     return None
 
 
-def training_flops_per_token(model: torch.nn.Module, active_params: int, seq_len: int) -> float:
-    """`clm.model_math.flops_per_token` for a built model."""
-    config = model.config
+def training_flops_per_token(spec: ModelSpec, active_params: int, seq_len: int) -> float:
+    """`clm.model_math.flops_per_token` for the model of `spec` (`active_params`: counted on
+    the built model, `clm.model.count_parameters`)."""
     return flops_per_token(
-        active_params,
-        model.get_input_embeddings().weight.numel(),
-        getattr(config, "tie_word_embeddings", False),
-        getattr(config, "num_hidden_layers", None) or config.n_layer,
-        getattr(config, "hidden_size", None) or config.n_embd,
-        seq_len,
+        active_params, spec.vocab * spec.hidden, spec.tied, spec.layers, spec.hidden, seq_len
     )
 
 

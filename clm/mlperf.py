@@ -31,6 +31,7 @@ from mlperf_logging.mllog.mllog import MLLogger
 from omegaconf import DictConfig
 
 from clm import config as config_lib
+from clm.spec import ModelSpec
 
 BENCHMARK = "mixtral_8x22b"
 RULES_DIR = Path(__file__).resolve().parent / "mlperf_rules"
@@ -75,26 +76,17 @@ def submission_info(cfg: DictConfig) -> dict[str, str]:
     return info
 
 
-def aux_loss_coef(cfg: DictConfig) -> float:
-    """The model's router_aux_loss_coef: the config override, else the model JSON's value."""
-    if cfg.model.get("router_aux_loss_coef") is not None:
-        return float(cfg.model.router_aux_loss_coef)
-    if cfg.model.get("config_path") is not None:
-        path = config_lib.resolve_config_file(cfg.model.config_path)
-        return float(json.loads(path.read_text()).get("router_aux_loss_coef") or 0.0)
-    return 0.0
-
-
 def hyperparameters(
     cfg: DictConfig,
+    spec: ModelSpec,
     *,
     eval_samples: int,
     train_samples: int | None,
     warmup_steps: int,
-    moe_aux_loss_coeff: float | None = None,
     parallelism: dict[str, int] | None = None,
 ) -> dict[str, object]:
-    """Every hyperparameter key the rules require, from a finalized config.
+    """Every hyperparameter key the rules require, from a finalized config and the model spec
+    (the aux loss coefficient and capacity factor the run trains with; 0 for a dense model).
 
     `train_samples` None (a streamed train set of unknown size) logs the most the schedule can
     consume, max_steps x global batch. `parallelism` is what the backend ran (tensor, expert,
@@ -109,8 +101,6 @@ def hyperparameters(
     gbs = int(cfg.global_train_batch_size)
     if train_samples is None:
         train_samples = int(cfg.max_steps) * gbs
-    if moe_aux_loss_coeff is None:
-        moe_aux_loss_coeff = aux_loss_coef(cfg)
     return {
         C.SEED: int(cfg.seed),
         C.GLOBAL_BATCH_SIZE: gbs,
@@ -139,8 +129,8 @@ def hyperparameters(
         C.LOWEST_NUMERICAL_PRECISION_IN_ATTN: PRECISIONS[cfg.model.dtype],
         C.LOWEST_NUMERICAL_PRECISION_IN_COMM: PRECISIONS[cfg.model.dtype],
         C.CONFIG_FILENAME: str(Path(cfg.run_dir) / "config.yaml"),
-        C.MOE_AUX_LOSS_COEFF: float(moe_aux_loss_coeff),
-        CAPACITY_FACTOR: float(cfg.model.capacity_factor),
+        C.MOE_AUX_LOSS_COEFF: spec.aux_loss_coef,
+        CAPACITY_FACTOR: spec.capacity_factor,
     }
 
 
@@ -191,11 +181,11 @@ class MLPerfLogger:
     def log_hparams(
         self,
         cfg: DictConfig,
+        spec: ModelSpec,
         *,
         eval_samples: int,
         train_samples: int | None,
         warmup_steps: int,
-        moe_aux_loss_coeff: float | None = None,
         parallelism: dict[str, int] | None = None,
     ) -> None:
         """Submission keys then every hyperparameter; log between init_start and init_stop."""
@@ -203,10 +193,10 @@ class MLPerfLogger:
             self._emit("event", key, value)
         values = hyperparameters(
             cfg,
+            spec,
             eval_samples=eval_samples,
             train_samples=train_samples,
             warmup_steps=warmup_steps,
-            moe_aux_loss_coeff=moe_aux_loss_coeff,
             parallelism=parallelism,
         )
         for key, value in values.items():

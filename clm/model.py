@@ -1,10 +1,13 @@
 """Build the HF model (Mixtral, or any causal LM for the dry runs) and compute its losses.
 
-`model.config_path` builds a randomly initialized model: parameters are created on the meta
+The model is built from the run's `clm.spec.ModelSpec`: the HF config from the JSON values it
+read, the experts as its MoESpec says (`clm.moe.configure_moe`). A spec without `pretrained`
+(`model.config_path`) builds a randomly initialized model: parameters are created on the meta
 device (no memory), then materialized on the target device and initialized there, so a large
-model is never built twice on the host. `model.name_or_path` without a config_path loads a
-pretrained local directory (safetensors only, no remote code): meta init, then each tensor is
-read from its shard straight into the parameter's memory (`clm.safetensors_reader`).
+model is never built twice on the host. With `pretrained` (`model.name_or_path` without a
+config_path) it loads a pretrained local directory (safetensors only, no remote code): meta
+init, then each tensor is read from its shard straight into the parameter's memory
+(`clm.safetensors_reader`).
 
 Where no host may hold the whole model, `materialize` makes it a piece at a time (a decoder
 layer, or another module's own tensors), randomly initialized or read from the shards, and
@@ -21,51 +24,36 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 
-from clm.config import resolve_config_file
 from clm.data import IGNORE_INDEX
 from clm.safetensors_reader import Region, SafetensorsReader, check_safetensors
+from clm.spec import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_hf_config(model_cfg: DictConfig) -> PretrainedConfig:
-    if model_cfg.config_path is not None:
-        path = resolve_config_file(model_cfg.config_path)
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-        if "model_type" not in values:
-            raise ValueError(f"{path}: no 'model_type' key (e.g. \"mixtral\")")
-        values.pop("transformers_version", None)
-        config = AutoConfig.for_model(**values)
-    else:
-        config = _pretrained_config(model_cfg.name_or_path)
-    if model_cfg.router_aux_loss_coef is not None:
-        config.router_aux_loss_coef = float(model_cfg.router_aux_loss_coef)
+def build_hf_config(spec: ModelSpec) -> PretrainedConfig:
+    """The HF config of `spec`: transformers' own from the JSON values the spec read (for a
+    pretrained directory what `AutoConfig.from_pretrained` gives), no KV cache, and the
+    experts pointed at our implementation of the spec's MoESpec. Only attributes HF defines
+    are set: the MoE settings travel with the experts function (`clm.moe.configure_moe`)."""
+    config = AutoConfig.for_model(**spec.hf_values())
+    if spec.pretrained is not None:
+        config.name_or_path = spec.pretrained  # as from_pretrained sets it
+    if spec.moe is not None:
+        from clm import moe
+
+        config.router_aux_loss_coef = spec.moe.aux_loss_coef  # the model.* override, if any
+        moe.configure_moe(config, spec.moe)
     config.use_cache = False
     return config
-
-
-def _pretrained_config(name_or_path: str) -> PretrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(name_or_path, local_files_only=True)
-    except OSError as e:
-        raise ValueError(
-            f"model.name_or_path={name_or_path}: not a local model directory and not in the "
-            "local HF cache (nothing is downloaded); point it at a directory with config.json, "
-            "or set model.config_path"
-        ) from e
 
 
 Place = Callable[[str, torch.Tensor], torch.Tensor]
@@ -220,21 +208,21 @@ def place_all(model: torch.nn.Module, place: Place) -> None:
 
 
 def is_moe(config: PretrainedConfig) -> bool:
+    """A built model's MoE test, on HF's own attribute (the spec's rule: `moe` is not None)."""
     return getattr(config, "num_local_experts", 0) > 1
 
 
 def build_model(
-    model_cfg: DictConfig,
+    spec: ModelSpec,
     device: torch.device,
     seed: int,
     place: Place | None = None,
     region: Region | None = None,
-    sequence_length: int | None = None,
 ) -> PreTrainedModel:
-    """The model on `device`, in `model.dtype`, in train mode.
+    """The model of `spec` on `device`, in the spec's dtype, in train mode.
 
-    `sequence_length`: the tokens of one sequence, the group whose tokens compete for the
-    capacity of the dropping experts (`clm.moe`); None: all the tokens of a forward call.
+    The dropping experts' capacity group is the spec's (`MoESpec.group_tokens`: the trainer's
+    max_length, one sequence; None: all the tokens of a forward call).
 
     `place` (a backend's, e.g. XLA's sharded transfer): the model is made one module at a time
     (`materialize`; a random init on `device`, a checkpoint read on the CPU) and each tensor
@@ -244,10 +232,9 @@ def build_model(
     initialized whole on `device`, and a pretrained one is still read module by module, each
     tensor moved to `device`.
     """
-    config = build_hf_config(model_cfg)
-    _configure_experts(config, model_cfg, sequence_length)
-    dtype = DTYPES[model_cfg.dtype]
-    if model_cfg.config_path is not None:
+    config = build_hf_config(spec)
+    dtype = DTYPES[spec.dtype]
+    if spec.pretrained is None:
         model = _meta_model(config, dtype)
         torch.manual_seed(seed)
         if place is None:
@@ -259,31 +246,28 @@ def build_model(
     else:
         if place is None and torch.device(device).type != "cpu":
             place = functools.partial(_to_device, device=device)
-        model = load_pretrained(model_cfg.name_or_path, config, dtype, place or keep, region)
-    return _ready_to_train(model, model_cfg)
+        model = load_pretrained(spec.pretrained, config, dtype, place or keep, region)
+    return _ready_to_train(model, spec)
 
 
-def _ready_to_train(model: PreTrainedModel, model_cfg: DictConfig) -> PreTrainedModel:
-    if model_cfg.gradient_checkpointing:
+def _ready_to_train(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedModel:
+    if spec.gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
     return model
 
 
-def build_meta_model(model_cfg: DictConfig, sequence_length: int | None = None) -> PreTrainedModel:
+def build_meta_model(spec: ModelSpec) -> PreTrainedModel:
     """The model on the meta device (no memory), configured and in train mode as `build_model`
     leaves it: what a sharded backend partitions before any weight exists."""
-    config = build_hf_config(model_cfg)
-    _configure_experts(config, model_cfg, sequence_length)
-    return _ready_to_train(_meta_model(config, DTYPES[model_cfg.dtype]), model_cfg)
+    return _ready_to_train(_meta_model(build_hf_config(spec), DTYPES[spec.dtype]), spec)
 
 
 def build_sharded_model(
-    model_cfg: DictConfig,
+    spec: ModelSpec,
     device: torch.device,
     seed: int,
     shard: Callable[[PreTrainedModel], PreTrainedModel],
-    sequence_length: int | None = None,
 ) -> PreTrainedModel:
     """The model sharded by `shard` (FSDP2's `fully_shard`) before any weight exists.
 
@@ -295,10 +279,10 @@ def build_sharded_model(
     next piece is made: no process or device ever holds the whole model, and every process gets
     the numbers one process would. From a checkpoint, each process reads only its parts' bytes.
     """
-    model = shard(build_meta_model(model_cfg, sequence_length))
+    model = shard(build_meta_model(spec))
     model.to_empty(device=device)
     parts = LocalParts(model)
-    build_model(model_cfg, device, seed, parts, parts.region, sequence_length)
+    build_model(spec, device, seed, parts, parts.region)
     unfilled = [name for name, t in parts.targets.items() if id(t) not in parts.filled]
     if unfilled:  # to_empty left them uninitialized: never train on that
         raise RuntimeError(f"the sharded model's {', '.join(unfilled[:3])} were never filled")
@@ -345,18 +329,6 @@ class LocalParts:
 
 def _to_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
-
-
-def _configure_experts(
-    config: PretrainedConfig, model_cfg: DictConfig, sequence_length: int | None
-) -> None:
-    """Select the experts implementation (clm.moe) for MoE models."""
-    if not is_moe(config):
-        return
-    from clm import moe
-
-    name = moe.resolve_implementation(model_cfg.moe_implementation, model_cfg.capacity_factor)
-    moe.configure_moe(config, name, float(model_cfg.capacity_factor), sequence_length)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

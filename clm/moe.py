@@ -3,7 +3,9 @@
 transformers 5 routes every `@use_experts_implementation` experts module (Mixtral's
 `MixtralExperts`) through `ALL_EXPERTS_FUNCTIONS[config._experts_implementation]`, called as
 `fn(experts_module, hidden_states_TD, top_k_index_TK, top_k_weights_TK) -> out_TD`; the router
-stays HF's. `configure_moe` registers ours and points the config at one of them:
+stays HF's. `configure_moe(hf_config, spec.moe)` registers ours, each bound to the run's
+`clm.spec.MoESpec` (implementation, capacity factor, capacity group), and points the config at
+it by HF's own `_experts_implementation`:
 
 - ``hf``: transformers' own default (`grouped_mm` for Mixtral). Data-dependent shapes: on XLA
   `grouped_mm` fails (`torch.histc`) and `eager` recompiles every step. Records no metrics.
@@ -11,8 +13,8 @@ stays HF's. `configure_moe` registers ours and points the config at one of them:
   off the top-k. Static, E/K times the FLOPs; the simplest reference.
 - ``dropping``: GShard/Switch capacity dispatch, per group of tokens. The tokens of a forward
   call are cut into G groups of T/G consecutive tokens: one sequence each
-  (`configure_moe(..., group_tokens)`; the trainer passes `max_length`), or one group of all T
-  when no group size is set. In each group every expert owns C slots,
+  (`MoESpec.group_tokens`: the trainer's `max_length`), or one group of all T when no group
+  size is set. In each group every expert owns C slots,
   ``C = min(T/G, ceil(T/G * K / E * capacity_factor))``. Each (token, k) assignment gets its
   rank in its expert's queue within its group from a cumulative sum over the routing mask;
   ranks >= C are dropped. Kept assignments are copied into an [E, G, C, D] buffer, the experts
@@ -64,27 +66,20 @@ Shape legend: T tokens, D hidden, F ffn, E experts, K top-k, C capacity, S = T *
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from clm.expert_slots import from_slots, to_slots
-from clm.model_math import capacity
+from clm.spec import MoESpec
 
-IMPLEMENTATIONS = ("hf", "dense", "dropping", "dropless")
-
-# Keys in ALL_EXPERTS_FUNCTIONS, prefixed so they never shadow one of transformers' own.
-REGISTRY_KEYS = {"dense": "clm_dense", "dropping": "clm_dropping", "dropless": "clm_dropless"}
-# Set on the HF config by `configure_moe`, read by the experts functions through `self.config`.
-CAPACITY_FACTOR_ATTR = "clm_moe_capacity_factor"
-GROUP_TOKENS_ATTR = "clm_moe_group_tokens"  # tokens per capacity group (None: the whole call)
 # logical dims of the buffers (`use_sharding`): [E, G*C, D] expert-major, [G, M, D] and
 # [E, G, C, D] group-major
 EXPERT_BUFFER_DIMS = ("experts", "expert_slots", None)
 GROUPS = ("groups", None, None)
 BUFFER_DIMS = (None, "groups", None, None)
 _STATS_ATTR = "_clm_moe_stats"
-# Experts-count attributes that mark a config as MoE (Mixtral, Qwen-MoE, DeepSeek, ...).
-_NUM_EXPERTS_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 # Dropless on CPU: "grouped_mm" (torch's CPU kernel) or "loop"; see docs/PERFORMANCE.md.
 CPU_DROPLESS_BACKEND = "grouped_mm"
 
@@ -92,58 +87,49 @@ CPU_DROPLESS_BACKEND = "grouped_mm"
 # --------------------------------------------------------------------------- config
 
 
-def resolve_implementation(name: str | None, capacity_factor: float) -> str:
-    """Map `model.moe_implementation` (None/"auto" allowed) to one of IMPLEMENTATIONS."""
-    allowed = ", ".join(("auto",) + IMPLEMENTATIONS)
-    if name is not None and name != "auto" and name not in IMPLEMENTATIONS:
-        raise ValueError(f"model.moe_implementation={name!r}: must be null or one of {allowed}")
-    if not float(capacity_factor) >= 0:  # also rejects NaN
-        raise ValueError(f"model.capacity_factor={capacity_factor}: must be >= 0 (0: dropless)")
-    if name is None or name == "auto":
-        return "dropping" if capacity_factor > 0 else "dropless"
-    if name == "dropping" and capacity_factor == 0:
-        raise ValueError(
-            "model.moe_implementation='dropping' needs model.capacity_factor > 0 "
-            "(0 means dropless), e.g. 1.25"
-        )
-    return name
+class ExpertsFunction:
+    """One of our experts functions bound to a MoESpec: what HF's experts module calls as
+    `fn(experts, x_TD, top_k_index_TK, top_k_weights_TK)`. The settings travel with the
+    function, not on the HF config: the config only names it (`_experts_implementation`)."""
+
+    def __init__(self, spec: MoESpec):
+        self.spec = spec
+        self.forward = _EXPERTS_FUNCTIONS[spec.implementation]
+
+    def __call__(self, experts, x_TD, top_k_index_TK, top_k_weights_TK):
+        return self.forward(experts, self.spec, x_TD, top_k_index_TK, top_k_weights_TK)
 
 
-def register_experts_functions() -> None:
-    """Add our implementations to transformers' global experts registry (idempotent)."""
-    for name, key in REGISTRY_KEYS.items():
-        ALL_EXPERTS_FUNCTIONS.register(key, _EXPERTS_FUNCTIONS[name])
+def experts_key(spec: MoESpec) -> str | None:
+    """Register `spec`'s experts function in transformers' global registry (idempotent) and
+    return its key; None for "hf" (transformers picks its default at model init).
+
+    The key spells the spec out, so models of different specs in one process (tests, a
+    planner) each find their own; prefixed so it never shadows one of transformers' keys."""
+    if spec.implementation == "hf":
+        return None
+    settings = ",".join(
+        f"{f.name}={getattr(spec, f.name)!r}" for f in fields(spec) if f.name != "implementation"
+    )
+    key = f"clm_{spec.implementation}({settings})"
+    if key not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(key, ExpertsFunction(spec))
+    return key
 
 
-def configure_moe(
-    hf_config, implementation: str, capacity_factor: float, group_tokens: int | None = None
-) -> None:
-    """Make models built from `hf_config` afterwards use `implementation`; no-op for dense LMs.
-
-    `group_tokens`: tokens per capacity group of the dropping experts (one sequence: the
-    trainer passes max_length); None: all the tokens of a forward call form one group.
-    """
-    implementation = resolve_implementation(implementation, capacity_factor)
-    if group_tokens is not None and int(group_tokens) < 1:
-        raise ValueError(f"capacity group of {group_tokens} tokens: must be >= 1")
-    register_experts_functions()
-    for config in _config_tree(hf_config):
-        if not _is_moe_config(config):
-            continue
-        # "hf": None lets transformers pick its default at model init, as with no override.
-        config._experts_implementation = REGISTRY_KEYS.get(implementation)
-        setattr(config, CAPACITY_FACTOR_ATTR, float(capacity_factor))
-        setattr(config, GROUP_TOKENS_ATTR, None if group_tokens is None else int(group_tokens))
+def configure_moe(hf_config, spec: MoESpec | None) -> None:
+    """Make models built from `hf_config` afterwards run their experts as `spec` says; None
+    (a dense model) leaves the config alone."""
+    if spec is None:
+        return
+    hf_config._experts_implementation = experts_key(spec)
 
 
-def _config_tree(hf_config) -> list:
-    """The config and its sub-configs (a multimodal config nests its text model's)."""
-    subs = [getattr(hf_config, key, None) for key in getattr(hf_config, "sub_configs", {}) or {}]
-    return [hf_config] + [sub for sub in subs if sub is not None]
-
-
-def _is_moe_config(config) -> bool:
-    return any((getattr(config, attr, None) or 0) > 0 for attr in _NUM_EXPERTS_ATTRS)
+def spec_of(experts) -> MoESpec | None:
+    """The MoESpec an experts module runs with; None when it runs transformers' own."""
+    key = getattr(experts.config, "_experts_implementation", None)
+    function = ALL_EXPERTS_FUNCTIONS.get(key) if key is not None else None
+    return function.spec if isinstance(function, ExpertsFunction) else None
 
 
 # --------------------------------------------------------------------------- metrics
@@ -180,21 +166,18 @@ def record_stats_from_router(experts, router_logits_TE: torch.Tensor) -> None:
     router logits of that forward alone: the top-k as HF's Mixtral router takes them, then the
     same load and, for `dropping`, the same capacity groups and drops. For a forward whose
     statistics cannot leave it (the body of a scanned loop, clm/backends/xla_scan.py)."""
-    config = experts.config
-    name = {key: name for name, key in REGISTRY_KEYS.items()}.get(config._experts_implementation)
-    if name is None:  # "hf": records nothing
+    spec = spec_of(experts)
+    if spec is None:  # "hf": records nothing
         return
     probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
-    top_k_index_TK = torch.topk(probs_TE, config.num_experts_per_tok, dim=-1).indices
-    num_tokens, top_k = top_k_index_TK.shape
-    if name != "dropping":
+    top_k_index_TK = torch.topk(probs_TE, spec.top_k, dim=-1).indices
+    num_tokens = top_k_index_TK.shape[0]
+    if spec.implementation != "dropping":
         load_E = _onehot_SE(top_k_index_TK, experts.num_experts).sum(0)
         _record_stats(experts, load_E, None, top_k_index_TK.numel())
         return
-    group_tokens, groups = _capacity_groups(experts, num_tokens)
-    capacity_ = capacity(
-        group_tokens, top_k, experts.num_experts, getattr(config, CAPACITY_FACTOR_ATTR)
-    )
+    group_tokens, groups = _capacity_groups(spec, num_tokens)
+    capacity_ = spec.capacity(group_tokens)
     _, kept_S, load_E = dispatch_plan(top_k_index_TK, experts.num_experts, capacity_, groups)
     _record_stats(experts, load_E, kept_S, kept_S.numel())
 
@@ -268,8 +251,14 @@ def _constrain(tensor: torch.Tensor, dims: tuple) -> torch.Tensor:
 # --------------------------------------------------------------------------- shared pieces
 
 
-def _check_layout(experts) -> None:
-    """Our kernels assume Mixtral's layout: gated, no bias, no post-norm, no expert parallel."""
+def _check_layout(experts, spec: MoESpec | None = None, top_k: int | None = None) -> None:
+    """Our kernels assume Mixtral's layout: gated, no bias, no post-norm, no expert parallel;
+    and, with `spec`, the experts and top-k it was made for."""
+    if spec is not None and (experts.num_experts, top_k) != (spec.num_experts, spec.top_k):
+        raise ValueError(
+            f"experts module of {experts.num_experts} experts, top-{top_k} routing: its spec "
+            f"is for {spec.num_experts} experts, top-{spec.top_k}"
+        )
     unsupported = {
         "has_gate": not getattr(experts, "has_gate", True),
         "has_bias": getattr(experts, "has_bias", False),
@@ -323,9 +312,9 @@ def _weighted_sum_over_k(y_SD: torch.Tensor, weights_TK: torch.Tensor, dtype) ->
 # --------------------------------------------------------------------------- dense
 
 
-def dense_experts_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK):
+def dense_experts_forward(experts, spec: MoESpec, x_TD, top_k_index_TK, top_k_weights_TK):
     """Every expert on every token; a [T, E] combine matrix keeps only the top-k outputs."""
-    _check_layout(experts)
+    _check_layout(experts, spec, top_k_index_TK.shape[1])
     num_experts = experts.num_experts
     w_gate_up_EDF2, w_down_EFD = _weights_EIO(experts)
     h_ETF2 = torch.matmul(x_TD.to(w_gate_up_EDF2.dtype).unsqueeze(0), w_gate_up_EDF2)
@@ -376,7 +365,6 @@ def _run_experts_ECD(experts, x_ECD: torch.Tensor) -> torch.Tensor:
 def _capacity_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK, capacity_: int, groups):
     """Static-shape dispatch -> batched experts -> combine: in each of `groups` groups of
     tokens every expert has `capacity_` slots (module docstring)."""
-    _check_layout(experts)
     num_tokens, dim = x_TD.shape
     num_experts, top_k = experts.num_experts, top_k_index_TK.shape[1]
     per_group = num_tokens * top_k // groups  # assignments per group, M
@@ -396,23 +384,18 @@ def _capacity_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK, capacity_
     return _weighted_sum_over_k(y_GMD.reshape(-1, dim), top_k_weights_TK, x_TD.dtype)
 
 
-def dropping_experts_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK):
-    """Capacity-factor dropping (see module docstring for the groups, capacity and drop order)."""
-    capacity_factor = getattr(experts.config, CAPACITY_FACTOR_ATTR, None)
-    if not capacity_factor or capacity_factor <= 0:
-        raise ValueError(
-            f"dropping experts need config.{CAPACITY_FACTOR_ATTR} > 0: call clm.moe.configure_moe"
-        )
-    group_tokens, groups = _capacity_groups(experts, top_k_index_TK.shape[0])
-    capacity_ = capacity(
-        group_tokens, top_k_index_TK.shape[1], experts.num_experts, capacity_factor
-    )
+def dropping_experts_forward(experts, spec: MoESpec, x_TD, top_k_index_TK, top_k_weights_TK):
+    """Capacity-factor dropping (see module docstring for the groups, capacity and drop order);
+    `spec` (checked when it was made) has a capacity factor > 0."""
+    _check_layout(experts, spec, top_k_index_TK.shape[1])
+    group_tokens, groups = _capacity_groups(spec, top_k_index_TK.shape[0])
+    capacity_ = spec.capacity(group_tokens)
     return _capacity_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK, capacity_, groups)
 
 
-def _capacity_groups(experts, num_tokens: int) -> tuple[int, int]:
+def _capacity_groups(spec: MoESpec, num_tokens: int) -> tuple[int, int]:
     """(tokens per capacity group, groups) for a forward call of `num_tokens` tokens."""
-    group_tokens = getattr(experts.config, GROUP_TOKENS_ATTR, None) or num_tokens
+    group_tokens = spec.group_tokens or num_tokens
     if num_tokens % group_tokens:
         raise ValueError(
             f"{num_tokens} tokens do not split into capacity groups of {group_tokens} "
@@ -424,15 +407,15 @@ def _capacity_groups(experts, num_tokens: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- dropless
 
 
-def dropless_experts_forward(experts, x_TD, top_k_index_TK, top_k_weights_TK):
+def dropless_experts_forward(experts, spec: MoESpec, x_TD, top_k_index_TK, top_k_weights_TK):
     """Exact: sort assignments by expert, grouped GEMM, unsort, weighted sum over k."""
+    _check_layout(experts, spec, top_k_index_TK.shape[1])
     if x_TD.device.type == "xla":
         # C = the group's tokens never drops (a token's top-k experts are distinct): exact, static
-        group_tokens, groups = _capacity_groups(experts, x_TD.shape[0])
+        group_tokens, groups = _capacity_groups(spec, x_TD.shape[0])
         return _capacity_forward(
             experts, x_TD, top_k_index_TK, top_k_weights_TK, group_tokens, groups
         )
-    _check_layout(experts)
     num_experts, top_k = experts.num_experts, top_k_index_TK.shape[1]
     expert_S = top_k_index_TK.reshape(-1)
     order_S = torch.argsort(expert_S, stable=True)  # grouped by expert, (token, k) order within

@@ -30,20 +30,18 @@ Only torch-free modules are imported: no torch, no torch_xla, no accelerator.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
 from clm import config as config_lib
 from clm import model_math
 from clm.config import ConfigError
-from clm.model_math import capacity
 from clm.sharding import MESH_AXES, axes_of, mesh_shape, partition_spec
+from clm.spec import ModelSpec, load_spec
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -146,67 +144,21 @@ def slice_name(kind: str, chips: int) -> str:
 # --------------------------------------------------------------------------- the model
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the estimate needs from a Mixtral config JSON (HF MixtralConfig defaults)."""
-
-    name: str
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    experts: int
-    top_k: int
-    tied: bool
-
-    @classmethod
-    def from_config(cls, values: dict, name: str) -> ModelShape:
-        if values.get("model_type") != "mixtral":
-            raise ConfigError(
-                f"{name}: model_type={values.get('model_type')!r}: clm.plan knows Mixtral "
-                "(model_type mixtral) only"
-            )
-        hidden = int(values.get("hidden_size", 4096))
-        heads = int(values.get("num_attention_heads", 32))
-        return cls(
-            name=name,
-            vocab=int(values.get("vocab_size", 32000)),
-            hidden=hidden,
-            layers=int(values.get("num_hidden_layers", 32)),
-            heads=heads,
-            kv_heads=int(values.get("num_key_value_heads", 8)),
-            head_dim=int(values.get("head_dim") or hidden // heads),
-            ffn=int(values.get("intermediate_size", 14336)),
-            experts=int(values.get("num_local_experts", 8)),
-            top_k=int(values.get("num_experts_per_tok", 2)),
-            tied=bool(values.get("tie_word_embeddings", False)),
+def check_plannable(spec: ModelSpec) -> ModelSpec:
+    """The model as clm.spec read it, if the estimate knows it (HF Mixtral); else ConfigError
+    (the memory check then leaves the run alone)."""
+    if spec.model_type != "mixtral" or spec.moe is None:
+        raise ConfigError(
+            f"{spec.name}: model_type={spec.model_type!r}: clm.plan knows Mixtral (model_type "
+            "mixtral, 2 or more experts) only"
         )
+    return spec
 
 
-def load_model_shape(model_cfg: DictConfig) -> ModelShape:
-    """From model.config_path, else from config.json in a local model.name_or_path directory."""
-    if model_cfg.config_path is not None:
-        path = config_lib.resolve_config_file(model_cfg.config_path)
-    else:
-        path = Path(str(model_cfg.name_or_path)) / "config.json"
-        if not path.is_file():
-            raise ConfigError(
-                f"model.name_or_path={model_cfg.name_or_path}: no local config.json; clm.plan "
-                "needs model.config_path or a local model directory"
-            )
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-    return ModelShape.from_config(values, path.name)
-
-
-def parameters(m: ModelShape) -> list[tuple[str, tuple[int, ...]]]:
+def parameters(m: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     """Every parameter of HF MixtralForCausalLM (transformers 5 names and shapes, fused experts)."""
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    experts = m.moe.num_experts
     params = [("model.embed_tokens.weight", (m.vocab, m.hidden))]
     for i in range(m.layers):
         p = f"model.layers.{i}."
@@ -215,9 +167,9 @@ def parameters(m: ModelShape) -> list[tuple[str, tuple[int, ...]]]:
             (p + "self_attn.k_proj.weight", (kv, m.hidden)),
             (p + "self_attn.v_proj.weight", (kv, m.hidden)),
             (p + "self_attn.o_proj.weight", (m.hidden, q)),
-            (p + "mlp.gate.weight", (m.experts, m.hidden)),
-            (p + "mlp.experts.gate_up_proj", (m.experts, 2 * m.ffn, m.hidden)),
-            (p + "mlp.experts.down_proj", (m.experts, m.hidden, m.ffn)),
+            (p + "mlp.gate.weight", (experts, m.hidden)),
+            (p + "mlp.experts.gate_up_proj", (experts, 2 * m.ffn, m.hidden)),
+            (p + "mlp.experts.down_proj", (experts, m.hidden, m.ffn)),
             (p + "input_layernorm.weight", (m.hidden,)),
             (p + "post_attention_layernorm.weight", (m.hidden,)),
         ]
@@ -227,15 +179,15 @@ def parameters(m: ModelShape) -> list[tuple[str, tuple[int, ...]]]:
     return params
 
 
-def count_parameters(m: ModelShape) -> tuple[int, int]:
+def count_parameters(m: ModelSpec) -> tuple[int, int]:
     """(total, active per token), by the rule of clm.model.count_parameters."""
     numel = {name: math.prod(shape) for name, shape in parameters(m)}
     total = sum(numel.values())
     expert = sum(n for name, n in numel.items() if ".experts." in name)
-    return total, total - expert + expert * m.top_k // m.experts
+    return total, total - expert + expert * m.moe.top_k // m.moe.num_experts
 
 
-def flops_per_token(m: ModelShape, seq_len: int) -> float:
+def flops_per_token(m: ModelSpec, seq_len: int) -> float:
     """Training FLOPs per token, by the formula clm.metrics reports MFU with (so MFUs compare)."""
     _, active = count_parameters(m)
     return model_math.flops_per_token(
@@ -243,20 +195,16 @@ def flops_per_token(m: ModelShape, seq_len: int) -> float:
     )
 
 
-def expert_slots_per_token(
-    m: ModelShape, model_cfg: DictConfig, tokens: int, xla: bool = False
-) -> float:
-    """Rows the experts compute per token: E*C/T (dropping), K (dropless, hf), E (dense; and
-    dropless under XLA, which runs it as capacity C = the sequence's tokens: clm.moe)."""
-    cf = float(model_cfg.capacity_factor)
-    impl = model_cfg.get("moe_implementation")
-    if impl in (None, "auto"):
-        impl = "dropping" if cf > 0 else "dropless"
+def expert_slots_per_token(m: ModelSpec, tokens: int, xla: bool = False) -> float:
+    """Rows the experts compute per token in a capacity group of `tokens` tokens: E*C/T
+    (dropping), K (dropless, hf), E (dense; and dropless under XLA, which runs it as capacity
+    C = the sequence's tokens: clm.moe). The implementation is the spec's, auto rule resolved."""
+    moe, impl = m.moe, m.moe.implementation
     if impl == "dropping":
-        return m.experts * capacity(tokens, m.top_k, m.experts, cf) / tokens
+        return moe.num_experts * moe.capacity(tokens) / tokens
     if impl == "dense" or (impl == "dropless" and xla):
-        return float(m.experts)
-    return float(m.top_k)
+        return float(moe.num_experts)
+    return float(moe.top_k)
 
 
 # --------------------------------------------------------------------------- sharding
@@ -312,7 +260,7 @@ class Memory:
 
 
 def layer_activation_bytes(
-    m: ModelShape,
+    m: ModelSpec,
     act: int,
     slots: float,
     tensor: int,
@@ -343,8 +291,9 @@ def layer_activation_bytes(
     # two, l and m, each broadcast over a 128-lane tile)
     statistics = (2 * 4 * 128 if xla else 4) * m.heads / tensor
     attn = act * (q + 2 * kv) / tensor + 2 * act * q / tensor + statistics
-    router = 4 * m.experts + (4 + 8 + 4) * m.top_k
-    experts = act * slots * (d + 4 * f / tensor) + act * m.top_k * d + 8 * (slots + 3 * m.top_k)
+    top_k = m.moe.top_k
+    router = 4 * m.moe.num_experts + (4 + 8 + 4) * top_k
+    experts = act * slots * (d + 4 * f / tensor) + act * top_k * d + 8 * (slots + 3 * top_k)
     tokens = rows * seq_len
     saved = tokens * (norms + attn + router + experts)
     grads = tokens * act * slots * 3 * f / tensor
@@ -356,8 +305,7 @@ def layer_activation_bytes(
 
 
 def memory_per_device(
-    m: ModelShape,
-    model_cfg: DictConfig,
+    m: ModelSpec,
     axis_sizes: dict[str, int],
     rows: int,
     seq_len: int,
@@ -365,7 +313,8 @@ def memory_per_device(
     xla: bool = False,
     scanned: bool = False,
 ) -> Memory:
-    """Per-device bytes for `rows` sequences per device per micro-batch (see `Memory`).
+    """Per-device bytes for `rows` sequences per device per micro-batch (see `Memory`), in the
+    spec's dtype, with its gradient checkpointing and experts.
 
     `xla`: the program XLA compiles (TPU): dropless experts as capacity C = the sequence, the
     flash kernel's statistics as torch_xla keeps them. `scanned` (`xla_scan_layers`): the
@@ -375,7 +324,7 @@ def memory_per_device(
 
     The dropping experts' capacity is per sequence (clm.moe's capacity groups, as the trainer
     sets them), so their buffers per token do not depend on the device count."""
-    param_bytes = DTYPE_BYTES[model_cfg.dtype]
+    param_bytes = DTYPE_BYTES[m.dtype]
     act = param_bytes  # activations in the model dtype
     fsdp, tensor = axis_sizes.get("fsdp", 1), axis_sizes.get("tensor", 1)
     local = 0.0
@@ -393,10 +342,10 @@ def memory_per_device(
         if name == output:  # the logits are split like the output projection's vocab dim
             logits_shard = math.prod(axis_sizes.get(a, 1) for a in axes_of(spec[0]))
     params = local * param_bytes
-    slots = expert_slots_per_token(m, model_cfg, seq_len, xla)
+    slots = expert_slots_per_token(m, seq_len, xla)
     saved, grads = layer_activation_bytes(m, act, slots, tensor, seq_len, rows, attention, xla)
     tokens = rows * seq_len
-    if model_cfg.gradient_checkpointing:
+    if m.gradient_checkpointing:
         checkpoints = m.layers * tokens * m.hidden * act * (2 if scanned else 1)
         layer_activations = saved
     else:  # every layer's activations stay until its backward
@@ -423,7 +372,7 @@ class Plan:
     overrides: list[str]
     slice: Slice
     num_slices: int
-    model: ModelShape
+    model: ModelSpec
     total_params: int
     active_params: int
     dtype: str
@@ -532,7 +481,7 @@ def plan(argv: list[str]) -> Plan:
     cfg = compose(overrides)
     config_lib.validate(cfg)
     num_slices = int(cfg.num_slices)
-    shape = load_model_shape(cfg.model)
+    model = check_plannable(load_spec(cfg.model, cfg.max_length))
     user_set = any(o.lstrip("+~").split("=")[0] == "gradient_accumulation_steps" for o in overrides)
     devices = slice_.chips * num_slices
     mesh = _mesh(devices, int(cfg.tensor_parallelism), int(cfg.expert_parallelism), num_slices)
@@ -544,14 +493,14 @@ def plan(argv: list[str]) -> Plan:
     config_lib.finalize(cfg, dp)  # checks the global batch; derives the eval cadence
 
     seq, rows = int(cfg.max_length), int(cfg.per_device_train_batch_size)
-    memory = _memory_for(cfg, shape, mesh, attention, slice_.is_tpu)
+    memory = _memory_for(cfg, model, mesh, attention, slice_.is_tpu)
     usable = slice_.chip.hbm_bytes * (1 - reserve)
-    total, active = count_parameters(shape)
+    total, active = count_parameters(model)
     return Plan(
         overrides=overrides,
         slice=slice_,
         num_slices=num_slices,
-        model=shape,
+        model=model,
         total_params=total,
         active_params=active,
         dtype=cfg.model.dtype,
@@ -566,26 +515,26 @@ def plan(argv: list[str]) -> Plan:
         usable_hbm=usable,
         hbm_reserve=reserve,
         attention=attention,
-        flops_per_token=flops_per_token(shape, seq),
+        flops_per_token=flops_per_token(model, seq),
         mfu=mfu,
         eval_frequency=int(cfg.eval_frequency),
         max_steps=int(cfg.max_steps),
         gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
-        experts_slots=expert_slots_per_token(shape, cfg.model, seq, slice_.is_tpu),
+        experts_slots=expert_slots_per_token(model, seq, slice_.is_tpu),
         smallest_fit=_smallest_fit(
-            cfg, shape, slice_, num_slices, usable, attention, user_set, batch_fixed
+            cfg, model, slice_, num_slices, usable, attention, user_set, batch_fixed
         ),
         config=cfg,
     )
 
 
-def _memory_for(cfg, shape, mesh, attention, xla: bool) -> Memory:
+def _memory_for(cfg, model, mesh, attention, xla: bool) -> Memory:
     rows, seq = int(cfg.per_device_train_batch_size), int(cfg.max_length)
     scanned = xla and bool(cfg.get("xla_scan_layers", False))
-    return memory_per_device(shape, cfg.model, mesh, rows, seq, attention, xla, scanned)
+    return memory_per_device(model, mesh, rows, seq, attention, xla, scanned)
 
 
-def _smallest_fit(cfg, shape, slice_, num_slices, usable, attention, user_set, batch_fixed):
+def _smallest_fit(cfg, model, slice_, num_slices, usable, attention, user_set, batch_fixed):
     """The smallest slice of the same kind (powers of two of chips) on which this config fits,
     keeping a global batch the config fixes (finalize has filled it in by now)."""
     first = 4 if slice_.chip.units_per_chip == 2 else 1  # v4-8 / v5p-8 are the smallest
@@ -606,7 +555,7 @@ def _smallest_fit(cfg, shape, slice_, num_slices, usable, attention, user_set, b
         rows = int(cfg.per_device_train_batch_size) * dp * accumulation
         batch_ok = not batch_fixed or rows == int(cfg.global_train_batch_size)
         candidate = Slice(slice_name(slice_.kind, chips), slice_.kind, chips)
-        if batch_ok and _memory_for(cfg, shape, mesh, attention, slice_.is_tpu).peak <= usable:
+        if batch_ok and _memory_for(cfg, model, mesh, attention, slice_.is_tpu).peak <= usable:
             return candidate.name, chips, accumulation
         chips *= 2
     return None
@@ -650,7 +599,7 @@ def render(p: Plan) -> str:
         f"{hosts} {host_word}{'s' if hosts > 1 else ''}; {chip.hbm_bytes / GIB:.1f} GiB HBM, "
         f"{chip.peak_tflops:g} TFLOP/s bf16 each",
         f"model     {m.name}: {p.total_params:,} parameters ({p.total_params / 1e9:.2f} B), "
-        f"{p.active_params:,} active per token (top-{m.top_k} of {m.experts} experts); "
+        f"{p.active_params:,} active per token (top-{m.moe.top_k} of {m.moe.num_experts} experts); "
         f"{p.dtype}",
         f"mesh      {mesh}; data-parallel {p.data_parallel}",
         f"batch     global {p.global_batch} sequences = {p.per_device_batch} per device x "
@@ -743,7 +692,8 @@ def tpu_caveats(p: Plan) -> list[str]:
             "every layer's FSDP-gathered weights from the forward to the backward (8 layers of "
             "Mixtral-8x22B at 8,192 tokens: 82.4 GiB measured, 16.9 estimated)"
         )
-    if p.experts_slots == p.model.experts and p.model.experts > p.model.top_k:
+    experts = p.model.moe.num_experts
+    if p.experts_slots == experts and experts > p.model.moe.top_k:
         notes.append(
             "over-counted: dropless experts (one slot per token per expert), whose intermediates "
             "the TPU compiler does not all keep (8 layers at 32,768 tokens: 62.1 GiB measured, "

@@ -22,6 +22,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from clm import config as config_lib  # noqa: E402
+from clm.spec import load_spec  # noqa: E402
 
 config_lib.register_resolvers()
 
@@ -67,6 +68,7 @@ def main() -> None:
                 cfg = config_lib.compose(args.overrides)
                 if not args.cfg:  # a run: its device-free checks too, before torch is imported
                     config_lib.validate(cfg)
+                    load_spec(cfg.model, cfg.max_length)  # the model JSON and model.* keys
             except USER_ERRORS as e:
                 _exit(f"error: {e}", 2)
         _train()

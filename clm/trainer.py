@@ -1,8 +1,8 @@
 """The training lifecycle: build everything in a fixed order, then train until a stop rule.
 
 Build order (`run`; each step may fail with a one-line error before the next costs anything):
-  1. validate config -> backend (devices) -> the step watchdog (clm.watchdog) -> derived sizes
-     -> memory estimate (clm.memory)
+  1. validate config -> model spec (clm.spec) -> backend (devices) -> the step watchdog
+     (clm.watchdog) -> derived sizes -> memory estimate (clm.memory)
   2. the run directory's lease (clm.lease) -> run directory (clm.checkpointer.prepare_run_dir)
      -> config.yaml, MLPerf init
   3. tokenizer -> eval set and train stream (data errors surface here)
@@ -57,6 +57,7 @@ from clm.errors import Preempted, TrainingError
 from clm.metrics import MetricsWriter, training_flops_per_token
 from clm.metrics_processor import MetricsProcessor
 from clm.mlperf import MLPerfLogger, compliance_path
+from clm.spec import ModelSpec, load_spec
 from clm.tokenizer import load_tokenizer
 from clm.watchdog import Watchdog
 
@@ -94,8 +95,9 @@ class Trainer:
         metrics: MetricsWriter | None = None,
         mlperf: MLPerfLogger | None = None,
         watchdog: Watchdog | None = None,
+        spec: ModelSpec,
     ):
-        """`train_step` needs only the first five; `evaluate` also `eval_set`, `train` also
+        """`train_step` needs the first five and `spec`; `evaluate` also `eval_set`, `train` also
         `train_stream`. Without `metrics`, `mlperf` or `watchdog` nothing is written to
         metrics.jsonl or the MLPerf log and nothing is bounded (what tests and tools want)."""
         self.cfg = cfg
@@ -116,11 +118,11 @@ class Trainer:
         self.eval_losses: list[tuple[int, float]] = []
         self.data_position: dict | None = None  # the stream's saved position (from a checkpoint)
         self.wandb_run_id: str | None = None  # saved in checkpoints: a resume continues the run
-        self.is_moe = model_lib.is_moe(model.config)
-        self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+        self.is_moe = spec.moe is not None
+        self.aux_coef = spec.aux_loss_coef
         self.tokens_per_step = cfg.global_train_batch_size * cfg.max_length
         _, active = model_lib.count_parameters(model)
-        self.flops_per_token = training_flops_per_token(model, active, cfg.max_length)
+        self.flops_per_token = training_flops_per_token(spec, active, cfg.max_length)
         self.local_devices = backend.local_data_parallel_size  # devices whose rows we compute
         # processes that each compute their own load-balancing loss on their own rows; their
         # gradients are summed, so each adds 1/aux_groups of its aux loss (the mean over ranks)
@@ -503,11 +505,12 @@ def build_eval_set(cfg: DictConfig, tokenizer) -> data_lib.EvalSet:
 def run(cfg: DictConfig) -> Summary:
     """Build every component in order, then train. Returns the summary."""
     config_lib.validate(cfg)
+    spec = load_spec(cfg.model, cfg.max_length)  # the model JSON, read and checked once
     backend = select_backend(cfg)
     # heartbeats from here on; the training loop's steps, evals and saves are bounded
     watch = Watchdog.for_run(cfg, backend)
     try:
-        return _run(cfg, backend, watch)
+        return _run(cfg, backend, watch, spec)
     except Exception as error:  # a collective that failed outside the loop: one line, exit 1
         watch.on_error(error, "start-up or shutdown")
         raise
@@ -515,18 +518,18 @@ def run(cfg: DictConfig) -> Summary:
         watch.stop()
 
 
-def _run(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
+def _run(cfg: DictConfig, backend: Backend, watch: Watchdog, spec: ModelSpec) -> Summary:
     """run() once the backend (and its process group) exists."""
     config_lib.finalize(cfg, backend.data_parallel_size)
-    memory.check(cfg, backend)  # before anything is written or built
+    memory.check(cfg, backend, spec)  # before anything is written or built
     # one run per run directory (clm.lease): taken before prepare_run_dir looks at the files,
     # held until the run ends however it ends; while another run holds it: exit 2 naming it
     with lease_lib.hold(cfg, backend) as release_leases:
         watch.before_exit(release_leases)  # a stuck run's exit frees its run directory too
-        return _run_leased(cfg, backend, watch)
+        return _run_leased(cfg, backend, watch, spec)
 
 
-def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
+def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog, spec: ModelSpec) -> Summary:
     """run()'s work once the run directory is this run's."""
     run_dir, resume_from, resume_step = prepare_run_dir(cfg, backend)
     if backend.is_main:
@@ -547,16 +550,12 @@ def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
             flush=True,
         )
     if backend.shards_meta_model:
-        model = model_lib.build_sharded_model(
-            cfg.model, backend.device, cfg.seed, backend.wrap_model, cfg.max_length
-        )
+        model = model_lib.build_sharded_model(spec, backend.device, cfg.seed, backend.wrap_model)
     else:
         place, region = None, None
         if backend.places_weights:
             place, region = backend.place, backend.region
-        model = model_lib.build_model(
-            cfg.model, backend.init_device, cfg.seed, place, region, cfg.max_length
-        )
+        model = model_lib.build_model(spec, backend.init_device, cfg.seed, place, region)
         model = backend.wrap_model(model)
     _check_vocab(cfg, model, tokenizer)
     optimizer = optim.build_optimizer(
@@ -579,10 +578,10 @@ def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
         )
     mlperf.log_hparams(
         cfg,
+        spec,
         eval_samples=eval_set.num_real_rows,
         train_samples=None,
         warmup_steps=config_lib.warmup_steps(cfg.sched),
-        moe_aux_loss_coeff=float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0),
         parallelism=backend.parallelism,
     )
     trainer = Trainer(
@@ -596,6 +595,7 @@ def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog) -> Summary:
         metrics=metrics,
         mlperf=mlperf,
         watchdog=watch,
+        spec=spec,
     )
     trainer.restore(resume_from)
     exit_code = 1  # what W&B records if the run ends with an exception

@@ -79,6 +79,7 @@ def measure(directory: str, dtype: str, loader: str) -> None:
 
         from clm import config as config_lib
         from clm.backends.fsdp_backend import FsdpBackend
+        from clm.spec import load_spec
 
         config_lib.register_resolvers()
         with initialize_config_dir(str(config_lib.CLM_DIR / "config"), version_base=None):
@@ -106,7 +107,8 @@ def measure(directory: str, dtype: str, loader: str) -> None:
             model_lib.load_pretrained(directory, config, model_lib.DTYPES[dtype])
         )
     elif loader == "fsdp-pieces":
-        model = model_lib.build_sharded_model(cfg.model, backend.device, 0, backend.wrap_model)
+        spec = load_spec(cfg.model)
+        model = model_lib.build_sharded_model(spec, backend.device, 0, backend.wrap_model)
     elif loader == "clm":
         model = model_lib.load_pretrained(directory, config, model_lib.DTYPES[dtype])
     else:

@@ -131,6 +131,14 @@ def model_cfg(**overrides):
     return OmegaConf.merge(base, {"config_path": None, **overrides})
 
 
+def model_spec(max_length=None, **overrides):
+    """The `clm.spec.ModelSpec` of `model_cfg(**overrides)`, as a run reads it (`max_length`:
+    the run's sequence length, the experts' capacity group; None: a forward call's tokens)."""
+    from clm.spec import load_spec
+
+    return load_spec(model_cfg(**overrides), max_length)
+
+
 @pytest.fixture
 def hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))

@@ -152,11 +152,11 @@ ASYNC_XLA_SCRIPT = textwrap.dedent("""
     from clm.backends.xla_backend import XlaBackend
     from clm.errors import OutputWriteError
     from clm.model import build_model
-    from conftest import model_cfg
+    from conftest import model_spec
 
     backend = XlaBackend(1, 1)
     model = backend.wrap_model(
-        build_model(model_cfg(config_path="mixtral_small.json"), backend.init_device, 0)
+        build_model(model_spec(config_path="mixtral_small.json"), backend.init_device, 0)
     )
     optimizer = backend.optimizer_class("ADAMW_TORCH_XLA")(model.parameters(), lr=1e-2)
     batch = backend.to_device({"input_ids": torch.arange(8 * 16).reshape(8, 16) % 1000})
@@ -195,12 +195,12 @@ ASYNC_XLA_SCRIPT = textwrap.dedent("""
 
 
 def _load_on_cpu(path):
-    from conftest import model_cfg
+    from conftest import model_spec
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from clm.model import build_model
 
-    model = build_model(model_cfg(config_path="mixtral_small.json"), torch.device("cpu"), 1)
+    model = build_model(model_spec(config_path="mixtral_small.json"), torch.device("cpu"), 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     state = checkpoint.restore(path, model, optimizer)
     model_sd, optim_sd = get_state_dict(model, optimizer)

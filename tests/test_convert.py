@@ -10,7 +10,7 @@ import sys
 import fsspec
 import pytest
 import torch
-from conftest import ROOT, clean_env, model_cfg, run_clm, tiny_mixtral_config
+from conftest import ROOT, clean_env, model_spec, run_clm, tiny_mixtral_config
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -33,11 +33,12 @@ def hf_dir(tmp_path_factory):
 def test_loaded_model_matches_hf(hf_dir, dtype):
     """Our tensor-by-tensor load (Mixtral's w1/w2/w3 per expert fused on the fly) gives exactly
     the weights and logits of transformers' own from_pretrained, also when casting."""
-    cfg = model_cfg(name_or_path=str(hf_dir), dtype=dtype)
+    cfg = model_spec(name_or_path=str(hf_dir), dtype=dtype)
     ours = model_lib.build_model(cfg, torch.device("cpu"), 0).eval()
-    # the config translated from model.* equals HF's reading of config.json, but for this
-    # package's own attributes (clm_*: the experts' settings) and the dtype model.dtype casts to
-    translated = {k: v for k, v in ours.config.to_dict().items() if not k.startswith("clm_")}
+    # the config built from the spec equals HF's reading of config.json, but for the dtype
+    # model.dtype casts to: no attributes of this package's own (the experts' settings travel
+    # with the experts function, clm.moe)
+    translated = ours.config.to_dict()
     assert translated == {**AutoConfig.from_pretrained(hf_dir).to_dict(), "dtype": dtype}
     # the same experts code on both sides (ours and HF's grouped_mm differ in the last bit on
     # some CPUs), so that equal logits mean equal weights
@@ -62,7 +63,9 @@ def test_loaded_a_piece_at_a_time_into_place(hf_dir):
         placed[name] = tensor.clone()
         return placed[name]
 
-    ours = model_lib.build_model(model_cfg(name_or_path=str(hf_dir)), torch.device("cpu"), 0, place)
+    ours = model_lib.build_model(
+        model_spec(name_or_path=str(hf_dir)), torch.device("cpu"), 0, place
+    )
     reference = AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()
     mine = ours.state_dict()
     assert all(torch.equal(mine[k], reference[k]) for k in reference)
@@ -94,7 +97,7 @@ def test_only_the_kept_part_of_each_tensor_is_read(hf_dir, tmp_path, layout):
             poisoned[name] = torch.full_like(value, float("nan"))
             poisoned[name][middle(value.shape)] = value[middle(value.shape)]
         save_file(poisoned, directory / "model.safetensors", metadata={"format": "pt"})
-    config = model_lib._pretrained_config(str(directory))
+    config = model_lib.build_hf_config(model_spec(name_or_path=str(directory)))
     model = model_lib._meta_model(config, torch.float32)
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
     kept = {}
@@ -122,7 +125,7 @@ def test_a_sharded_checkpoint_with_a_missing_shard_or_tensor_is_named(hf_dir, tm
     AutoModelForCausalLM.from_pretrained(hf_dir).save_pretrained(sharded, max_shard_size="2MB")
     shards = sorted(sharded.glob("*.safetensors"))
     assert len(shards) > 1
-    ours = model_lib.build_model(model_cfg(name_or_path=str(sharded)), torch.device("cpu"), 0)
+    ours = model_lib.build_model(model_spec(name_or_path=str(sharded)), torch.device("cpu"), 0)
     assert torch.equal(
         ours.state_dict()["model.layers.1.mlp.experts.gate_up_proj"],
         AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()[
@@ -131,10 +134,10 @@ def test_a_sharded_checkpoint_with_a_missing_shard_or_tensor_is_named(hf_dir, tm
     )
     shards[-1].unlink()
     with pytest.raises(ValueError, match=f"{shards[-1]}: missing shard \\(named in model.safe"):
-        model_lib.build_model(model_cfg(name_or_path=str(sharded)), torch.device("cpu"), 0)
+        model_lib.build_model(model_spec(name_or_path=str(sharded)), torch.device("cpu"), 0)
     (sharded / "model.safetensors.index.json").unlink()
     with pytest.raises(ValueError, match=f"{sharded}: no weights for .* of the model's tensors"):
-        model_lib.build_model(model_cfg(name_or_path=str(sharded)), torch.device("cpu"), 0)
+        model_lib.build_model(model_spec(name_or_path=str(sharded)), torch.device("cpu"), 0)
     other = tiny_mixtral_config()
     other.intermediate_size = 64
     with pytest.raises(ValueError, match=r"experts.0.w1.weight has shape \[48, 32\], the model "):
@@ -148,11 +151,11 @@ def test_truncated_shard_is_named(hf_dir, tmp_path):
     data = (hf_dir / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=f"{broken}/model.safetensors: truncated or corrupt"):
-        model_lib.build_model(model_cfg(name_or_path=str(broken)), torch.device("cpu"), 0)
+        model_lib.build_model(model_spec(name_or_path=str(broken)), torch.device("cpu"), 0)
     (broken / "model.safetensors").unlink()
     torch.save({}, broken / "pytorch_model.bin")
     with pytest.raises(ValueError, match="no \\*.safetensors files \\(pickle"):
-        model_lib.build_model(model_cfg(name_or_path=str(broken)), torch.device("cpu"), 0)
+        model_lib.build_model(model_spec(name_or_path=str(broken)), torch.device("cpu"), 0)
 
 
 def convert(tmp_path, *args):
@@ -220,7 +223,7 @@ def test_hf_to_checkpoint_to_training_and_back(hf_dir, tmp_path):
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     trained = checkpoint.latest(run_dir / "checkpoints")
     reference = model_lib.build_model(
-        model_cfg(config_path=str(model_json)), torch.device("cpu"), 0
+        model_spec(config_path=str(model_json)), torch.device("cpu"), 0
     )
     checkpoint.restore(trained, reference, None)
     for (name, a), b in zip(

@@ -293,6 +293,7 @@ SCRIPT = textwrap.dedent("""
     from clm import config as config_lib, model as model_lib, optim
     from clm.backends import select_backend
     from clm.backends.fsdp_backend import FsdpBackend
+    from clm.spec import load_spec
     from clm.trainer import Trainer
 
     config_lib.register_resolvers()
@@ -300,8 +301,9 @@ SCRIPT = textwrap.dedent("""
         cfg = compose("config", overrides=sys.argv[1:])
     backend = select_backend(cfg)
     config_lib.finalize(cfg, backend.data_parallel_size)
-    model = model_lib.build_sharded_model(cfg.model, backend.device, 0, backend.wrap_model)
-    ref = model_lib.build_model(cfg.model, torch.device("cpu"), 0)
+    spec = load_spec(cfg.model)
+    model = model_lib.build_sharded_model(spec, backend.device, 0, backend.wrap_model)
+    ref = model_lib.build_model(spec, torch.device("cpu"), 0)
     ref_params = dict(ref.named_parameters())
     out = {"rank": backend.rank, "params": {}}
     for name, p in model.named_parameters():
@@ -322,7 +324,8 @@ SCRIPT = textwrap.dedent("""
     batch["labels"][5, 10:] = -100  # uneven token counts across the ranks
     opt = optim.build_optimizer(model, cfg, backend.device)
     sched = optim.build_scheduler(opt, cfg.sched, float(cfg.lr))
-    trainer = Trainer(cfg=cfg, backend=backend, model=model, optimizer=opt, scheduler=sched)
+    trainer = Trainer(cfg=cfg, backend=backend, model=model, optimizer=opt, scheduler=sched,
+                      spec=spec)
     values = trainer.train_step(backend.local_rows(batch))
     halves = [model_lib.forward(ref, {k: v[i:i + 4] for k, v in batch.items()}, True)
               for i in (0, 4)]
@@ -339,7 +342,7 @@ SCRIPT = textwrap.dedent("""
         with initialize_config_dir(str(config_lib.CLM_DIR / "config"), version_base=None):
             cfg16 = compose("config", overrides=sys.argv[1:] + ["model.dtype=bfloat16"])
         backend16 = FsdpBackend(cfg16, "cpu")
-        model16 = model_lib.build_sharded_model(cfg16.model, torch.device("cpu"), 0,
+        model16 = model_lib.build_sharded_model(load_spec(cfg16.model), torch.device("cpu"), 0,
                                                 backend16.wrap_model)
         # the sharded parameters (what AdamW updates), before a forward swaps in bf16 copies
         dtypes = sorted({str(p.dtype) for p in model16.parameters()})
@@ -419,13 +422,15 @@ LOAD_SCRIPT = textwrap.dedent("""
     from torch.distributed.tensor import DTensor
     from clm import config as config_lib, model as model_lib
     from clm.backends import select_backend
+    from clm.spec import load_spec
 
     config_lib.register_resolvers()
     with initialize_config_dir(str(config_lib.CLM_DIR / "config"), version_base=None):
         cfg = compose("config", overrides=sys.argv[1:])
     backend = select_backend(cfg)
-    model = model_lib.build_sharded_model(cfg.model, backend.device, 0, backend.wrap_model)
-    whole = model_lib.build_model(cfg.model, torch.device("cpu"), 0)
+    spec = load_spec(cfg.model)
+    model = model_lib.build_sharded_model(spec, backend.device, 0, backend.wrap_model)
+    whole = model_lib.build_model(spec, torch.device("cpu"), 0)
     expected = dict(whole.named_parameters()) | dict(whole.named_buffers())
     differ, local = [], 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:

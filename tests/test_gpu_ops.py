@@ -27,6 +27,7 @@ from conftest import ROOT, clean_env
 
 from clm import config as config_lib
 from clm.nemo import launch, recipe
+from clm.spec import load_spec
 
 BIN = Path(sys.executable).parent
 CHART = ROOT / "helm-context"
@@ -253,7 +254,8 @@ def test_selected_configuration_runs_on_the_charts_gpus(helm, tmp_path):
         "eval_prefix": "/data/c4-megatron/v",
         "eval_tokens": 12_000_000,
     }
-    settings = recipe.build_settings(cfg, world_size=values["gpus"], data=data)
+    spec = load_spec(cfg.model, cfg.max_length)
+    settings = recipe.build_settings(cfg, spec, world_size=values["gpus"], data=data)
     assert settings["train"]["global_batch_size"] == 256
     assert settings["model"]["num_moe_experts"] == 8 and settings["model"]["num_layers"] == 56
     job = docs["Job"]

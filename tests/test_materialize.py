@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_cfg
+from conftest import model_spec
 
 from clm import model as model_lib
 
@@ -38,7 +38,7 @@ def test_random_init_in_pieces_is_the_whole_model_init(config_path):
     """The same numbers as `init_weights` on the whole model (the RNG draws in HF's order; GPT-2
     redoes a child's weight from its parent module and ties its embeddings), with at most one
     decoder layer's parameters on the host that are not placed yet."""
-    cfg = model_cfg(config_path=config_path)
+    cfg = model_spec(config_path=config_path)
     whole = model_lib.build_model(cfg, torch.device("cpu"), 7)
     config = model_lib.build_hf_config(cfg)
     pieces = model_lib._meta_model(config, torch.float32)
@@ -66,7 +66,7 @@ def test_random_init_in_pieces_is_the_whole_model_init(config_path):
 
 def test_build_model_places_every_tensor_once_and_keeps_the_seed():
     """build_model with a `place` gives the model `place` returned, equal to the CPU build."""
-    cfg = model_cfg(config_path="mixtral_small.json")
+    cfg = model_spec(config_path="mixtral_small.json")
     seen = []
 
     def place(name, tensor):

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from clm import config as config_lib
 from clm import mlperf
+from clm.spec import load_spec
 from clm.tokenizer import load_tokenizer
 from clm.trainer import build_eval_set
 
@@ -52,6 +53,7 @@ def simulate_run(
     log.init_start()
     log.log_hparams(
         cfg,
+        load_spec(cfg.model, cfg.max_length),
         eval_samples=eval_samples,
         train_samples=None,
         warmup_steps=config_lib.warmup_steps(cfg.sched),
@@ -94,6 +96,7 @@ def test_benchmark_log_passes_closed_rules(tmp_path):
     assert values["opt_learning_rate_warmup_steps"] == 62
     assert values["train_samples"] == 250 * 256
     assert values["moe_aux_loss_coeff"] == 0.001  # from clm/mixtral822.json
+    assert values["capacity_factor"] == 1.25  # the preset's, as the model spec resolved it
     evals = [r["metadata"]["samples_count"] for r in records(path) if r["key"] == "eval_accuracy"]
     assert evals == [1536, 3072, 4608, 6144]  # 6 steps x 256 sequences apart
 
@@ -163,7 +166,8 @@ def test_disabled_logger_writes_nothing(tmp_path):
     cfg = benchmark_cfg()
     log = mlperf.MLPerfLogger(cfg, path, enabled=False)
     log.init_start()
-    log.log_hparams(cfg, eval_samples=388, train_samples=10, warmup_steps=62)
+    spec = load_spec(cfg.model, cfg.max_length)
+    log.log_hparams(cfg, spec, eval_samples=388, train_samples=10, warmup_steps=62)
     log.init_stop()
     log.run_start()
     log.block_start(0)

@@ -1,4 +1,4 @@
-"""clm.moe: config plumbing, equivalence with HF's experts code, drop order, metrics, XLA."""
+"""clm.moe: the spec plumbing, equivalence with HF's experts code, drop order, metrics, XLA."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from clm import moe
+from clm.model_math import capacity
+from clm.spec import IMPLEMENTATIONS, MoESpec
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("dense", "dropping", "dropless")
@@ -44,22 +46,41 @@ def no_drop_factor(config) -> float:
     return config.num_local_experts / config.num_experts_per_tok
 
 
+def spec_for(config, implementation: str, capacity_factor: float = 0.0, **kwargs) -> MoESpec:
+    """The MoESpec of `config`'s experts (as clm.spec reads them from a JSON)."""
+    return MoESpec(
+        config.num_local_experts,
+        config.num_experts_per_tok,
+        implementation,
+        capacity_factor,
+        **kwargs,
+    )
+
+
+def key_for(config, implementation: str, capacity_factor: float = 0.0) -> str:
+    """The experts-function key of one of our implementations for `config`'s experts."""
+    return moe.experts_key(spec_for(config, implementation, capacity_factor))
+
+
 def build_model(config, implementation: str, capacity_factor: float = 0.0, seed: int = 0):
     """A fresh MixtralForCausalLM (own config copy: models share their config object)."""
     config = copy.deepcopy(config)
-    moe.configure_moe(config, implementation, capacity_factor)
+    moe.configure_moe(config, spec_for(config, implementation, capacity_factor))
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
 
-def make_experts(dim, ffn, num_experts, top_k, implementation, capacity_factor=0.0, seed=0):
+def make_experts(
+    dim, ffn, num_experts, top_k, implementation, capacity_factor=0.0, seed=0, group_tokens=None
+):
     config = tiny_config(
         hidden_size=dim,
         intermediate_size=ffn,
         num_local_experts=num_experts,
         num_experts_per_tok=top_k,
     )
-    moe.configure_moe(config, implementation, capacity_factor)
+    spec = spec_for(config, implementation, capacity_factor, group_tokens=group_tokens)
+    moe.configure_moe(config, spec)
     torch.manual_seed(seed)
     experts = MixtralExperts(config)
     torch.nn.init.normal_(experts.gate_up_proj, std=0.5)
@@ -119,29 +140,13 @@ def python_reference(experts, x_TD, index_TK, weights_TK, capacity):
 # --------------------------------------------------------------------------- config
 
 
-def test_resolve_implementation():
-    assert moe.resolve_implementation(None, 1.25) == "dropping"
-    assert moe.resolve_implementation("auto", 0) == "dropless"
-    for name in moe.IMPLEMENTATIONS:
-        assert moe.resolve_implementation(name, 1.25) == name
-    assert moe.resolve_implementation("dropless", 0) == "dropless"
-    with pytest.raises(ValueError, match=r"model\.moe_implementation='gmm'.*dropping, dropless"):
-        moe.resolve_implementation("gmm", 1.0)
-    for bad_factor in (-1.0, float("nan")):
-        with pytest.raises(ValueError, match=r"model\.capacity_factor"):
-            moe.resolve_implementation("dropless", bad_factor)
-    with pytest.raises(ValueError, match=r"model\.capacity_factor") as err:
-        moe.resolve_implementation("dropping", 0)
-    assert "\n" not in str(err.value)
-
-
 def test_capacity_formula():
-    assert moe.capacity(10, 2, 8, 1.25) == 4  # ceil(3.125)
-    assert moe.capacity(4096, 2, 8, 1.25) == 1280
+    assert capacity(10, 2, 8, 1.25) == 4  # ceil(3.125)
+    assert capacity(4096, 2, 8, 1.25) == 1280
     # 50 * 2 / 11 * 1.1 is 10.000000000000002 in floats; the intended value is exactly 10.
-    assert moe.capacity(50, 2, 11, 1.1) == 10
-    assert moe.capacity(4, 2, 8, 100.0) == 4  # never more slots than tokens
-    assert moe.capacity(1, 1, 8, 0.01) == 1
+    assert capacity(50, 2, 11, 1.1) == 10
+    assert capacity(4, 2, 8, 100.0) == 4  # never more slots than tokens
+    assert capacity(1, 1, 8, 0.01) == 1
 
 
 def test_configure_moe_selects_implementation(tmp_path):
@@ -151,28 +156,46 @@ def test_configure_moe_selects_implementation(tmp_path):
     assert hf_default == "grouped_mm"  # what "hf" means with transformers 5 on CPU
     default.save_pretrained(tmp_path)
     ids = torch.randint(0, 64, (2, 8))
-    for implementation in moe.IMPLEMENTATIONS:
+    for implementation in IMPLEMENTATIONS:
+        spec = spec_for(config, implementation, 1.25)
         built = build_model(config, implementation, 1.25)
         loaded_config = copy.deepcopy(config)
-        moe.configure_moe(loaded_config, implementation, 1.25)
+        moe.configure_moe(loaded_config, spec)
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path, config=loaded_config)
         for model in (built, loaded):
-            expected = moe.REGISTRY_KEYS.get(implementation, hf_default)
+            expected = moe.experts_key(spec) or hf_default
             assert model.config._experts_implementation == expected
+            # the spec travels with the experts function, never on the config: HF's keys only
+            assert model.config.to_dict().keys() == config.to_dict().keys()
+            experts = model.model.layers[0].mlp.experts
+            assert moe.spec_of(experts) == (None if implementation == "hf" else spec)
             model(ids)
             recorded = moe.moe_metrics(model)
             assert bool(recorded) == (implementation != "hf"), implementation
-    moe.configure_moe(tiny_config(), "dropping", 1.25)  # registration is idempotent
-    for name, key in moe.REGISTRY_KEYS.items():
-        assert ALL_EXPERTS_FUNCTIONS[key] is moe._EXPERTS_FUNCTIONS[name]
+    for name in ("dense", "dropping", "dropless"):  # registration is idempotent
+        spec = spec_for(config, name, 1.25)
+        key = moe.experts_key(spec)
+        assert moe.experts_key(spec) == key and key.startswith(f"clm_{name}(")
+        assert ALL_EXPERTS_FUNCTIONS[key].spec == spec
+        assert ALL_EXPERTS_FUNCTIONS[key].forward is moe._EXPERTS_FUNCTIONS[name]
 
 
-def test_configure_moe_is_noop_for_dense_models():
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)
-    before = (config.to_dict(), config._experts_implementation)
-    moe.configure_moe(config, "dropping", 1.25)
-    assert (config.to_dict(), config._experts_implementation) == before
-    model = AutoModelForCausalLM.from_config(config)
+def test_dense_models_get_no_experts_settings():
+    """A dense model's spec has no MoE (whatever model.moe_implementation says), and its HF
+    config is transformers' own."""
+    from conftest import model_cfg
+
+    from clm.model import build_hf_config
+    from clm.spec import spec_from_values
+
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, use_cache=False)
+    cfg = model_cfg(capacity_factor=1.25, moe_implementation="dropping")
+    spec = spec_from_values(config.to_dict(), cfg)
+    assert spec.moe is None and spec.aux_loss_coef == 0.0 and spec.capacity_factor == 0.0
+    built = build_hf_config(spec)
+    assert built.to_dict() == config.to_dict()
+    assert built._experts_implementation == config._experts_implementation
+    model = AutoModelForCausalLM.from_config(built)
     model(torch.randint(0, 32, (1, 4)))
     assert moe.moe_metrics(model) == {}
 
@@ -205,9 +228,8 @@ def test_experts_match_hf_without_drops(seed, monkeypatch):
     reference = run_experts(experts, "eager", x_TD, index_TK, weights_TK)
     if dim % 4 == 0 and ffn % 4 == 0:  # torch._grouped_mm's 16-byte strides
         assert_same(run_experts(experts, "grouped_mm", x_TD, index_TK, weights_TK), reference)
-    setattr(experts.config, moe.CAPACITY_FACTOR_ATTR, no_drop_factor(experts.config))
     for name in OURS:
-        key = moe.REGISTRY_KEYS[name]
+        key = key_for(experts.config, name, no_drop_factor(experts.config))
         backends = ("grouped_mm", "loop") if name == "dropless" else ("grouped_mm",)
         for backend in backends:
             monkeypatch.setattr(moe, "CPU_DROPLESS_BACKEND", backend)
@@ -223,7 +245,8 @@ def test_routing_ties_and_idle_expert():
     weights_TK = torch.full((tokens, 2), 0.5)
     reference = run_experts(experts, "eager", x_TD, index_TK, weights_TK)
     for name in OURS:
-        out, grads = run_experts(experts, moe.REGISTRY_KEYS[name], x_TD, index_TK, weights_TK)
+        key = key_for(experts.config, name, no_drop_factor(experts.config))
+        out, grads = run_experts(experts, key, x_TD, index_TK, weights_TK)
         assert_same((out, grads), reference)
         assert torch.count_nonzero(grads[2][2:]) == 0 and torch.count_nonzero(grads[3][2:]) == 0
 
@@ -234,7 +257,7 @@ def test_model_matches_hf_including_tied_router():
     ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(0))
     for tie in (False, True):
         results = {}
-        for implementation in moe.IMPLEMENTATIONS:
+        for implementation in IMPLEMENTATIONS:
             model = build_model(config, implementation, no_drop_factor(config))
             if tie:  # all router probabilities equal: top-2 picks among an 8-way tie
                 for layer in model.model.layers:
@@ -261,7 +284,8 @@ def test_bf16_keeps_dtype_and_stays_close():
     reference = run_experts(experts, "eager", x_TD, index_TK, weights_TK)[0]
     experts_bf16 = copy.deepcopy(experts).to(torch.bfloat16)
     for name in OURS:
-        experts_bf16.config._experts_implementation = moe.REGISTRY_KEYS[name]
+        key = key_for(experts.config, name, no_drop_factor(experts.config))
+        experts_bf16.config._experts_implementation = key
         out = experts_bf16(x_TD.to(torch.bfloat16), index_TK, weights_TK)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
@@ -309,7 +333,8 @@ def test_dropping_matches_python_reference(capacity_factor, skew):
     ref_out.backward(torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(123)))
     ref_grads = [x_ref.grad, w_ref.grad, reference_experts.gate_up_proj.grad]
     ref_grads.append(reference_experts.down_proj.grad)
-    result = run_experts(experts, "clm_dropping", x_TD, index_TK, weights_TK)
+    key = experts.config._experts_implementation  # clm_dropping(..., capacity_factor=...)
+    result = run_experts(experts, key, x_TD, index_TK, weights_TK)
     assert_same(result, (ref_out.detach(), ref_grads))
     out, grads = result
     all_dropped = ~ref_kept.any(1)
@@ -359,8 +384,7 @@ def test_aux_loss_and_metrics_in_a_model():
     torch.testing.assert_close(drop_out.aux_loss, hf_out.aux_loss, **TOL)
     assert not torch.allclose(drop_out.logits, hf_out.logits)  # tokens were dropped
     index_TK = captured[-1]
-    capacity = moe.capacity(ids.numel(), 2, 8, 0.5)
-    _, kept_S, load_E = moe.dispatch_plan(index_TK, 8, capacity)
+    _, kept_S, load_E = moe.dispatch_plan(index_TK, 8, capacity(ids.numel(), 2, 8, 0.5))
     metrics = moe.moe_metrics(dropping)
     assert metrics["moe/drop_fraction"] == pytest.approx(1 - kept_S.float().mean().item())
     assert metrics["moe/drop_fraction"] > 0.3  # capacity 0.5: at least half can't fit
@@ -400,6 +424,7 @@ XLA_SCRIPT = textwrap.dedent("""
     import torch_xla.debug.metrics as met
     from transformers import AutoModelForCausalLM, MixtralConfig
     from clm import moe
+    from clm.spec import MoESpec
 
     def compiles():
         data = met.metric_data("CompileTime")
@@ -412,7 +437,7 @@ XLA_SCRIPT = textwrap.dedent("""
     moe.use_static_load_balancing_loss()  # HF's histc-based aux loss fails on XLA
     device = torch_xla.device()
     for implementation, capacity_factor in [("dropping", 1.25), ("dense", 0), ("dropless", 0)]:
-        moe.configure_moe(config, implementation, capacity_factor)
+        moe.configure_moe(config, MoESpec(8, 2, implementation, capacity_factor))
         torch.manual_seed(0)
         cpu_model = AutoModelForCausalLM.from_config(config)
         model = AutoModelForCausalLM.from_config(config)
@@ -466,42 +491,76 @@ def test_capacity_is_per_group_of_tokens(groups):
     not one queue (so dropping differs from the ungrouped call)."""
     group_tokens, num_experts, top_k, dim = 12, 4, 2, 8
     tokens = groups * group_tokens
-    experts = make_experts(dim, 6, num_experts, top_k, "dropping", 0.75)
-    setattr(experts.config, moe.GROUP_TOKENS_ATTR, group_tokens)
+    experts = make_experts(dim, 6, num_experts, top_k, "dropping", 0.75, group_tokens=group_tokens)
     x_TD = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(2))
     index_TK, weights_TK = random_routing(tokens, num_experts, top_k, skew=1.5)
-    capacity = math.ceil(group_tokens * top_k / num_experts * 0.75)
+    slots = math.ceil(group_tokens * top_k / num_experts * 0.75)
     reference = copy.deepcopy(experts)
     x_ref = x_TD.clone().requires_grad_(True)
     w_ref = weights_TK.clone().requires_grad_(True)
     parts = [
-        python_reference(reference, x_ref[g], index_TK[g], w_ref[g], capacity)
+        python_reference(reference, x_ref[g], index_TK[g], w_ref[g], slots)
         for g in (slice(i * group_tokens, (i + 1) * group_tokens) for i in range(groups))
     ]
     ref_out = torch.cat([out for out, _ in parts])
     ref_kept = torch.cat([kept for _, kept in parts])
-    ungrouped = python_reference(copy.deepcopy(experts), x_TD, index_TK, weights_TK, capacity)
+    ungrouped = python_reference(copy.deepcopy(experts), x_TD, index_TK, weights_TK, slots)
     assert not torch.equal(ungrouped[1], ref_kept)  # the grouping matters on this routing
     ref_out.backward(torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(123)))
     ref_grads = [x_ref.grad, w_ref.grad, reference.gate_up_proj.grad, reference.down_proj.grad]
-    result = run_experts(experts, "clm_dropping", x_TD, index_TK, weights_TK)
+    result = run_experts(
+        experts, experts.config._experts_implementation, x_TD, index_TK, weights_TK
+    )
     assert_same(result, (ref_out.detach(), ref_grads))
-    _, kept_S, _ = moe.dispatch_plan(index_TK, num_experts, capacity, groups)
+    _, kept_S, _ = moe.dispatch_plan(index_TK, num_experts, slots, groups)
     assert torch.equal(kept_S.view(tokens, top_k), ref_kept)
     with pytest.raises(ValueError, match="capacity groups of 12"):
         experts(torch.randn(tokens + 1, dim), *random_routing(tokens + 1, num_experts, top_k))
 
 
 def test_trained_models_group_capacity_by_sequence():
-    """The trainer's build passes max_length: capacity is counted per sequence."""
-    from conftest import model_cfg
+    """The trainer's spec has max_length: capacity is counted per sequence, and the experts of
+    the built model run with that spec (nothing of it is stored on the HF config)."""
+    from conftest import model_spec
 
     from clm.model import build_model
 
-    cfg = model_cfg(config_path="mixtral_small.json", capacity_factor=1.25)
-    model = build_model(cfg, torch.device("cpu"), 0, sequence_length=64)
-    assert getattr(model.config, moe.GROUP_TOKENS_ATTR) == 64
-    assert getattr(build_model(cfg, torch.device("cpu"), 0).config, moe.GROUP_TOKENS_ATTR) is None
+    for max_length in (64, None):
+        spec = model_spec(max_length, config_path="mixtral_small.json", capacity_factor=1.25)
+        model = build_model(spec, torch.device("cpu"), 0)
+        for layer in model.model.layers:
+            assert moe.spec_of(layer.mlp.experts) == spec.moe
+        assert spec.moe.group_tokens == max_length
+        assert "clm" not in model.config.to_json_string()
+
+
+def test_experts_of_two_specs_in_one_process_each_run_their_own():
+    """The settings travel with each model's experts function: two dropping models of different
+    capacity factors, run alternately, each drop as their own spec's capacity says."""
+    config = tiny_config(num_hidden_layers=1)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    models = {factor: build_model(config, "dropping", factor) for factor in (0.5, 2.0)}
+    captured = []
+    for model in models.values():
+        experts = model.model.layers[0].mlp.experts
+        experts.register_forward_pre_hook(lambda m, args: captured.append(args[1]))
+    for _ in range(2):
+        for factor, model in models.items():
+            captured.clear()
+            model(ids)
+            _, kept_S, _ = moe.dispatch_plan(captured[0], 8, capacity(32, 2, 8, factor))
+            drop = 1 - kept_S.float().mean().item()
+            assert moe.moe_metrics(model)["moe/drop_fraction"] == pytest.approx(drop)
+    assert moe.moe_metrics(models[0.5])["moe/drop_fraction"] > 0
+
+
+def test_experts_refuse_a_spec_of_other_sizes():
+    """An experts module run with the spec of another model: named, not silently used."""
+    experts = make_experts(16, 8, 4, 2, "dropless")
+    experts.config._experts_implementation = moe.experts_key(MoESpec(8, 2, "dropless"))
+    index_TK, weights_TK = random_routing(4, 4, 2)
+    with pytest.raises(ValueError, match="module of 4 experts, top-2 routing: its spec is for 8"):
+        experts(torch.randn(4, 16), index_TK, weights_TK)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")

@@ -30,6 +30,7 @@ from clm import data as data_lib
 from clm import mlperf
 from clm.nemo import launch, recipe
 from clm.nemo import prepare_data as prep
+from clm.spec import load_spec
 from clm.tokenizer import load_tokenizer
 
 SAMPLE = CLM / "sample_data"
@@ -203,6 +204,11 @@ def test_unreadable_shard_exits_2_naming_the_file(tmp_path, capsys):
 
 
 # ---- config -> Megatron-Bridge settings -------------------------------------------------------
+def build_settings(cfg, **kwargs) -> dict:
+    """recipe.build_settings with the config's model spec, as clm.nemo.launch passes it."""
+    return recipe.build_settings(cfg, load_spec(cfg.model, cfg.max_length), **kwargs)
+
+
 def fake_data(eval_tokens: int = 12_000_000, train_tokens: int = 10**10) -> dict:
     """data_stats() for data not available here (the real C4 shards)."""
     return {
@@ -216,7 +222,7 @@ def fake_data(eval_tokens: int = 12_000_000, train_tokens: int = 10**10) -> dict
 def test_gbs256_gpu_preset_gives_the_8x22b_benchmark_settings():
     cfg = recipe.compose(["+experiment=gbs256_gpu"])
     config_lib.validate(cfg)
-    s = recipe.build_settings(cfg, world_size=128, data=fake_data())
+    s = build_settings(cfg, world_size=128, data=fake_data())
     m = s["model"]
     # Mixtral-8x22B (clm/mixtral822.json)
     assert (m["num_layers"], m["hidden_size"], m["ffn_hidden_size"]) == (56, 6144, 16384)
@@ -263,7 +269,7 @@ def test_gbs256_tpu_preset_translates_on_256_gpus():
     """The reference's preset as is: TP 1, one sequence per GPU, DP 256, no accumulation."""
     cfg = recipe.compose(["+experiment=gbs256_tpu"])
     assert cfg.nemo.data_dir is None  # the nemo group's defaults were added
-    s = recipe.build_settings(cfg, world_size=256, data=fake_data())
+    s = build_settings(cfg, world_size=256, data=fake_data())
     assert s["derived"]["data_parallel_size"] == 256
     assert s["derived"]["gradient_accumulation_steps"] == 1
     assert s["model"]["tensor_model_parallel_size"] == 1 and not s["model"]["sequence_parallel"]
@@ -273,7 +279,7 @@ def test_gbs256_tpu_preset_translates_on_256_gpus():
 
 def test_global_batch_derived_when_not_set():
     cfg = recipe.compose(["per_device_train_batch_size=2", "gradient_accumulation_steps=3"])
-    s = recipe.build_settings(cfg, world_size=4, data=fake_data())
+    s = build_settings(cfg, world_size=4, data=fake_data())
     assert s["train"]["global_batch_size"] == 2 * 4 * 3
     assert s["derived"]["gradient_accumulation_steps"] == 3
     assert s["model"]["num_moe_experts"] == 8 and s["mixed_precision"] is None  # float32
@@ -292,7 +298,7 @@ def test_cosine_schedule_and_overrides():
             "model.capacity_factor=2.0",
         ]
     )
-    s = recipe.build_settings(cfg, world_size=1, data=fake_data())
+    s = build_settings(cfg, world_size=1, data=fake_data())
     sc = s["scheduler"]
     assert (sc["lr_decay_style"], sc["lr_warmup_iters"], sc["lr_decay_iters"]) == (
         "cosine",
@@ -345,13 +351,13 @@ def test_schedules_match_megatron_cores_scheduler():
         ]
     )
     cfg.sched.min_lr = 1e-4
-    s = recipe.build_settings(cfg, world_size=1, data=fake_data())
+    s = build_settings(cfg, world_size=1, data=fake_data())
     ours = lr_schedule(cfg.sched, float(cfg.lr))
     theirs = megatron_lrs(s, float(cfg.lr), 1e-4, 101)
     assert theirs == pytest.approx([ours(k) for k in range(101)], rel=1e-12, abs=1e-15)
     # WarmupHoldPolicy: the same hold; the warm-up ramps agree to within one step
     cfg = recipe.compose(["+experiment=gbs256_gpu"])
-    s = recipe.build_settings(cfg, world_size=128, data=fake_data())
+    s = build_settings(cfg, world_size=128, data=fake_data())
     ours = lr_schedule(cfg.sched, 2e-5)
     theirs = megatron_lrs(s, 2e-5, 0.0, 250)
     warmup = s["scheduler"]["lr_warmup_iters"]
@@ -379,7 +385,7 @@ def test_schedules_match_megatron_cores_scheduler():
 def test_translation_errors_name_the_key(overrides, world, message):
     cfg = recipe.compose(overrides)
     with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(")):
-        recipe.build_settings(cfg, world_size=world, data=fake_data())
+        build_settings(cfg, world_size=world, data=fake_data())
 
 
 WANDB_FIELDS = ("wandb_project", "wandb_entity", "wandb_exp_name", "wandb_save_dir")
@@ -390,12 +396,12 @@ def test_wandb_keys_map_onto_megatron_bridges_logger(monkeypatch, tmp_path):
     it has no field for, travel as WANDB_TAGS."""
     for name in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME"):
         monkeypatch.delenv(name, raising=False)
-    off = recipe.build_settings(recipe.compose([]), world_size=1, data=fake_data())
+    off = build_settings(recipe.compose([]), world_size=1, data=fake_data())
     assert {k: off["logger"][k] for k in WANDB_FIELDS} == dict.fromkeys(WANDB_FIELDS)
     assert off["derived"]["wandb_env"] == {}
     overrides = ["wandb.enabled=true", "wandb.tags=[ci,gpu]", "wandb.entity=team"]
     overrides += ["exp_name=moe1", f"output_dir={tmp_path}"]
-    on = recipe.build_settings(recipe.compose(overrides), world_size=8, data=fake_data())
+    on = build_settings(recipe.compose(overrides), world_size=8, data=fake_data())
     run_dir = str(tmp_path / "moe1")
     assert {k: on["logger"][k] for k in WANDB_FIELDS} == {
         "wandb_project": "mlperf-moe",
@@ -410,11 +416,11 @@ def test_wandb_keys_map_onto_megatron_bridges_logger(monkeypatch, tmp_path):
     json.loads(recipe.to_json(on))
     monkeypatch.setenv("WANDB_PROJECT", "from-env")
     monkeypatch.setenv("WANDB_NAME", "named-by-env")
-    env = recipe.build_settings(recipe.compose(overrides), world_size=8, data=fake_data())
+    env = build_settings(recipe.compose(overrides), world_size=8, data=fake_data())
     assert env["logger"]["wandb_project"] == "from-env"
     assert env["logger"]["wandb_exp_name"] == "named-by-env"
     with pytest.raises(config_lib.ConfigError, match="wandb.project=null: the NeMo path needs"):
-        recipe.build_settings(
+        build_settings(
             recipe.compose([*overrides, "wandb.project=null"]), world_size=8, data=fake_data()
         )
 
@@ -424,7 +430,7 @@ def test_data_stats_checks_the_prepared_data(prepared):
     stats = recipe.data_stats(cfg)
     assert stats["train_tokens"] == sum(SAMPLE_TOKENS.values())
     assert len(stats["train_prefixes"]) == 4
-    s = recipe.build_settings(cfg, world_size=1, data=stats)
+    s = build_settings(cfg, world_size=1, data=stats)
     assert s["derived"]["eval_samples"] == (stats["eval_tokens"] - 1) // 256
     assert s["dataset"]["blend_per_split"][1] == [[stats["eval_prefix"]], None]
     for override, message in [
@@ -453,8 +459,8 @@ def test_distributed_env_from_slurm():
 def run_events(tmp_path, losses: dict[int, float], max_steps: int = 250):
     """A simulated gbs256_gpu run: eval every 6 steps with the given losses, others 2.5."""
     cfg = recipe.compose(["+experiment=gbs256_gpu", f"output_dir={tmp_path}", "mlperf.org=Test"])
-    settings = recipe.build_settings(cfg, world_size=128, data=fake_data())
-    events = launch.mlperf_events(cfg, settings, rank=0)
+    settings = build_settings(cfg, world_size=128, data=fake_data())
+    events = launch.mlperf_events(cfg, load_spec(cfg.model, cfg.max_length), settings, rank=0)
     events.train_start(0)
     for step in range(1, max_steps + 1):
         if events.train_step_end(step, 3.0):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import model_cfg
+from conftest import model_spec
 from omegaconf import OmegaConf
 
 from clm import optim
@@ -70,7 +70,7 @@ def test_scheduler_drives_the_optimizer_lr():
 
 
 def test_no_weight_decay_on_norms_and_biases():
-    model = build_model(model_cfg(config_path="gpt2_tiny.json"), torch.device("cpu"), seed=0)
+    model = build_model(model_spec(config_path="gpt2_tiny.json"), torch.device("cpu"), seed=0)
     decay, no_decay = optim.param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0

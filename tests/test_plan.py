@@ -10,11 +10,12 @@ import sys
 
 import pytest
 import torch
-from conftest import CLM, ROOT, clean_env, model_cfg, run_python
+from conftest import CLM, ROOT, clean_env, model_spec, run_python
 from hydra import compose, initialize_config_dir
 
 from clm import config as config_lib
 from clm import plan
+from clm.spec import load_spec
 
 BENCHMARK = "+experiment=gbs256_tpu"
 # planner vs measured bytes of parameters + gradients + AdamW state: the planner leaves out
@@ -77,7 +78,7 @@ def test_benchmark_evaluates_every_6_steps():
 
 def test_mixtral_8x22b_counts():
     """141B total / 39B active, the figures Mistral publishes, from the JSON alone."""
-    shape = plan.load_model_shape(model_cfg(config_path="mixtral822.json"))
+    shape = model_spec(config_path="mixtral822.json")
     total, active = plan.count_parameters(shape)
     assert total == 140_620_634_112 and active == 39_152_031_744
 
@@ -131,16 +132,16 @@ def test_peaks_match_the_metrics_table():
 DTYPES = ("float32", "bfloat16")
 
 
-def tiny_cfg(dtype: str = "float32"):
+def tiny_spec(dtype: str = "float32"):
     """The small Mixtral with the benchmark's dropping experts (capacity factor 1.25)."""
-    return model_cfg(config_path="mixtral_small.json", dtype=dtype, capacity_factor=1.25)
+    return model_spec(config_path="mixtral_small.json", dtype=dtype, capacity_factor=1.25)
 
 
 @pytest.fixture(scope="module")
 def tiny_models():
     from clm.model import build_model
 
-    return {dtype: build_model(tiny_cfg(dtype), torch.device("cpu"), 0) for dtype in DTYPES}
+    return {dtype: build_model(tiny_spec(dtype), torch.device("cpu"), 0) for dtype in DTYPES}
 
 
 def test_parameters_match_the_built_model(tiny_models):
@@ -148,7 +149,7 @@ def test_parameters_match_the_built_model(tiny_models):
     from clm.model import count_parameters
 
     model = tiny_models["float32"]
-    shape = plan.load_model_shape(tiny_cfg())
+    shape = tiny_spec()
     built = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     assert plan.parameters(shape) == built
     assert plan.count_parameters(shape) == count_parameters(model)
@@ -164,7 +165,7 @@ def test_parameters_match_hf_for_shipped_configs(name):
     values.pop("transformers_version", None)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**values))
-    shape = plan.load_model_shape(model_cfg(config_path=name))
+    shape = model_spec(config_path=name)
     assert plan.parameters(shape) == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
 
 
@@ -179,11 +180,11 @@ def test_flops_per_token_by_hand(tiny_models):
     from clm.metrics import training_flops_per_token
     from clm.model import count_parameters
 
-    shape = plan.load_model_shape(model_cfg(config_path="mixtral_small.json"))
+    shape = model_spec(config_path="mixtral_small.json")
     assert plan.flops_per_token(shape, 256) == 6 * 5_084_288 + 1_572_864 == 32_078_592
     model = tiny_models["float32"]
     _, active = count_parameters(model)
-    assert training_flops_per_token(model, active, 256) == 32_078_592
+    assert training_flops_per_token(shape, active, 256) == 32_078_592
 
 
 @pytest.mark.parametrize(
@@ -200,11 +201,12 @@ def test_flops_per_token_by_hand(tiny_models):
 )
 def test_capacity_by_hand(tokens, factor, expected):
     """C = ceil(T x K / E x factor), K=2, E=8, in [1, T]: the planner's and the experts' (one
-    function, clm.model_math.capacity, used by both)."""
-    from clm.moe import capacity
+    method, clm.spec.MoESpec.capacity, used by both)."""
+    from clm.model_math import capacity
+    from clm.spec import MoESpec
 
-    assert capacity is plan.capacity  # the experts count what the planner counts
-    assert plan.capacity(tokens, 2, 8, factor) == expected
+    moe = MoESpec(num_experts=8, top_k=2, implementation="dropping", capacity_factor=factor)
+    assert moe.capacity(tokens) == capacity(tokens, 2, 8, factor) == expected
 
 
 def _compose(*overrides: str):
@@ -237,8 +239,8 @@ def test_state_bytes_match_a_real_adamw_step(tiny_models, dtype):
     measured = params + grads + state
     optimizer.zero_grad(set_to_none=True)
 
-    shape = plan.load_model_shape(cfg.model)
-    mem = plan.memory_per_device(shape, cfg.model, {"fsdp": 1}, 1, 32, "flash")
+    shape = load_spec(cfg.model, cfg.max_length)
+    mem = plan.memory_per_device(shape, {"fsdp": 1}, 1, 32, "flash")
     assert mem.params == params
     assert mem.state == pytest.approx(measured, rel=STATE_TOLERANCE)
 
@@ -247,7 +249,7 @@ def test_state_bytes_match_a_real_adamw_step(tiny_models, dtype):
 def test_layer_activations_match_a_real_forward(tiny_models, dtype):
     """Bytes autograd saves in one decoder layer (dropping experts, CPU sdpa), not counting
     weights, the layer input and the shared RoPE tables, against the planner's model."""
-    model, cfg = tiny_models[dtype], tiny_cfg(dtype)
+    model, shape = tiny_models[dtype], tiny_spec(dtype)
     rows, seq = 2, 256
     x = torch.randn(rows, seq, model.config.hidden_size, dtype=model.dtype, requires_grad=True)
     positions = torch.arange(seq).unsqueeze(0).expand(rows, -1)
@@ -264,8 +266,7 @@ def test_layer_activations_match_a_real_forward(tiny_models, dtype):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.model.layers[1](x, position_ids=positions, position_embeddings=rope)
-    shape = plan.load_model_shape(cfg)
-    slots = plan.expert_slots_per_token(shape, cfg, rows * seq)
+    slots = plan.expert_slots_per_token(shape, rows * seq)
     act = plan.DTYPE_BYTES[dtype]
     estimate, _ = plan.layer_activation_bytes(shape, act, slots, 1, seq, rows, "flash")
     low, high = ACTIVATION_TOLERANCE

@@ -160,11 +160,11 @@ def mixtral80_dry_run(shell: Shell, line: str) -> None:
     """Refused before anything is built where clm.plan's estimate does not fit (a laptop)."""
     from clm import config as config_lib
     from clm import memory, plan
+    from clm.spec import load_spec
 
     cfg = config_lib.compose(["model.config_path=mixtral80.json", "per_device_train_batch_size=4"])
-    estimate = plan.memory_per_device(
-        plan.load_model_shape(cfg.model), cfg.model, {}, 4, 256, "flash"
-    ).peak
+    spec = load_spec(cfg.model, cfg.max_length)
+    estimate = plan.memory_per_device(spec, {}, 4, 256, "flash").peak
     available = memory.host_available_bytes()
     if available is None or estimate <= available * (1 - plan.DEFAULT_HBM_RESERVE):
         pytest.skip("fits this host's memory: 1.7B parameters would train for many minutes")

@@ -165,9 +165,11 @@ def test_the_memory_check_names_what_would_fit(monkeypatch):
     nothing does and the message says to use a smaller model."""
     from clm import memory
     from clm.backends.torch_backend import TorchBackend
+    from clm.spec import load_spec
 
     cfg = config_lib.compose(["+experiment=dry_run_mixtral80"])
     config_lib.finalize(cfg, 1)
+    spec = load_spec(cfg.model, cfg.max_length)
     backend = TorchBackend(torch.device("cpu"))
     for free, fits in (
         (22, "these overrides would fit: model.dtype=bfloat16 ("),
@@ -175,12 +177,12 @@ def test_the_memory_check_names_what_would_fit(monkeypatch):
     ):
         monkeypatch.setattr(memory, "free_bytes", lambda _backend, gib=free: gib * 2**30)
         with pytest.raises(config_lib.ConfigError) as error:
-            memory.check(cfg, backend)
+            memory.check(cfg, backend, spec)
         message = str(error.value)
         assert message.startswith("memory: this run needs about 26.")
         assert f"has {free:.1f} GiB free ({free * 0.9:.1f} GiB usable); {fits}" in message
     monkeypatch.setattr(memory, "free_bytes", lambda _backend: 40 * 2**30)
-    memory.check(cfg, backend)  # fits: no error
+    memory.check(cfg, backend, spec)  # fits: no error
 
 
 def test_skip_bad_records_counts_them(tmp_path):

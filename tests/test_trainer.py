@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import signal
 
 import golden
@@ -17,12 +18,14 @@ from transformers import AutoModelForCausalLM
 from clm import checkpoint, data, optim
 from clm import config as config_lib
 from clm import model as model_lib
+from clm import spec as spec_lib
 from clm.backends import select_backend
 from clm.backends.torch_backend import TorchBackend
 from clm.checkpointer import prepare_run_dir
 from clm.errors import Preempted
 from clm.metrics import MetricsWriter, read_metrics
 from clm.mlperf import MLPerfLogger, compliance_path
+from clm.spec import load_spec
 from clm.tokenizer import load_tokenizer
 from clm.trainer import Trainer, build_eval_set, build_train_stream
 
@@ -46,21 +49,18 @@ def tiny_cfg(*overrides):
 
 
 def tiny_mixtral(cfg, seed=0):
-    """mixtral_small.json shrunk further so each test runs in well under a second."""
+    """mixtral_small.json shrunk further so each test runs in well under a second: (its spec,
+    the model built from it)."""
     from omegaconf import open_dict
 
     with open_dict(cfg.model):
         cfg.model.pop("tiny", None)
-    hf = model_lib.build_hf_config(cfg.model)
-    hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers = 32, 48, 2
-    hf.num_attention_heads, hf.num_key_value_heads, hf.vocab_size = 4, 2, 512
-    model_lib._configure_experts(hf, cfg.model, cfg.max_length)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf)
-    model.to_empty(device=CPU)
-    torch.manual_seed(seed)
-    model.init_weights()
-    return model
+    path, _ = spec_lib.model_json_path(cfg.model)
+    values = json.loads(path.read_text())
+    values.update(hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    values.update(num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    spec = spec_lib.spec_from_values(values, cfg.model, cfg.max_length, name="tiny")
+    return spec, model_lib.build_model(spec, CPU, seed)
 
 
 def random_eval_set(rows, length, real_tokens, vocab=512, pad=2, seed=0):
@@ -75,7 +75,7 @@ def random_eval_set(rows, length, real_tokens, vocab=512, pad=2, seed=0):
     return data.EvalSet(input_ids, labels, num_documents=1, num_real_rows=len(blocks))
 
 
-def make_trainer(cfg, model, eval_set=None, tmp_path=None):
+def make_trainer(cfg, spec, model, eval_set=None, tmp_path=None):
     opt = optim.build_optimizer(model, cfg, CPU)
     sched = optim.build_scheduler(opt, cfg.sched, float(cfg.lr))
     metrics = MetricsWriter(tmp_path, enabled=False)
@@ -89,6 +89,7 @@ def make_trainer(cfg, model, eval_set=None, tmp_path=None):
         eval_set=eval_set,
         metrics=metrics,
         mlperf=mlperf,
+        spec=spec,
     )
 
 
@@ -97,9 +98,10 @@ def test_meta_init_matches_a_normally_built_model():
     same config: the same parameters, norms exactly as HF makes them, every other weight drawn
     as HF draws it (its spread within 10%, centred); and deterministic per seed."""
     cfg = tiny_cfg()
-    built = model_lib.build_model(cfg.model, CPU, seed=3)
-    again = model_lib.build_model(cfg.model, CPU, seed=3)
-    hf = model_lib.build_hf_config(cfg.model)
+    spec = load_spec(cfg.model, cfg.max_length)
+    built = model_lib.build_model(spec, CPU, seed=3)
+    again = model_lib.build_model(spec, CPU, seed=3)
+    hf = model_lib.build_hf_config(spec)
     eager = AutoModelForCausalLM.from_config(hf)
     reference = dict(eager.named_parameters())
     assert [n for n, _ in built.named_parameters()] == list(reference)
@@ -120,7 +122,7 @@ def test_meta_init_matches_a_normally_built_model():
 
 def test_parameter_counts():
     cfg = tiny_cfg()
-    model = model_lib.build_model(cfg.model, CPU, seed=0)
+    model = model_lib.build_model(load_spec(cfg.model), CPU, seed=0)
     total, active = model_lib.count_parameters(model)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert total == sum(p.numel() for p in model.parameters())
@@ -129,9 +131,9 @@ def test_parameter_counts():
 
 def test_eval_loss_is_an_exact_token_mean_not_a_mean_of_means():
     cfg = tiny_cfg("per_device_eval_batch_size=2")
-    model = tiny_mixtral(cfg)
+    spec, model = tiny_mixtral(cfg)
     eval_set = random_eval_set(rows=6, length=32, real_tokens=32 * 3 + 5)  # a short last block
-    trainer = make_trainer(cfg, model, eval_set)
+    trainer = make_trainer(cfg, spec, model, eval_set)
     loss = trainer.evaluate()
     with torch.no_grad():
         model.eval()
@@ -155,11 +157,11 @@ def test_eval_loss_is_an_exact_token_mean_not_a_mean_of_means():
 
 def test_padding_rows_carry_zero_weight():
     cfg = tiny_cfg("per_device_eval_batch_size=1")
-    model = tiny_mixtral(cfg)
+    spec, model = tiny_mixtral(cfg)
     short = random_eval_set(rows=3, length=32, real_tokens=70)
     padded = random_eval_set(rows=8, length=32, real_tokens=70)
-    assert make_trainer(cfg, model, short).evaluate() == pytest.approx(
-        make_trainer(cfg, model, padded).evaluate(), rel=1e-6
+    assert make_trainer(cfg, spec, model, short).evaluate() == pytest.approx(
+        make_trainer(cfg, spec, model, padded).evaluate(), rel=1e-6
     )
 
 
@@ -177,8 +179,8 @@ def test_accumulation_gives_the_same_step_as_one_big_batch(tmp_path):
         cfg = tiny_cfg(
             f"per_device_train_batch_size={micro}", f"gradient_accumulation_steps={accum}"
         )
-        model = tiny_mixtral(cfg, seed=1)
-        trainer = make_trainer(cfg, model, tmp_path=tmp_path)
+        spec, model = tiny_mixtral(cfg, seed=1)
+        trainer = make_trainer(cfg, spec, model, tmp_path=tmp_path)
         trainer.aux_coef = 0.0
         values = trainer.train_step(copy.deepcopy(batch))
         results.append((values, [p.detach().clone() for p in model.parameters()]))
@@ -192,7 +194,7 @@ def test_accumulation_gives_the_same_step_as_one_big_batch(tmp_path):
 
 def test_aux_loss_in_training_only():
     cfg = tiny_cfg()
-    model = tiny_mixtral(cfg)
+    _, model = tiny_mixtral(cfg)
     batch = {"input_ids": torch.randint(3, 512, (2, 32))}
     batch["labels"] = batch["input_ids"]
     _, _, aux = model_lib.forward(model, batch, with_aux=True)
@@ -228,10 +230,8 @@ def trainer_as_run_builds_it(output_dir, *overrides):
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.dataset.tokenizer_sha256)
     eval_set = build_eval_set(cfg, tokenizer)
     train_stream = build_train_stream(cfg, tokenizer)
-    model = model_lib.build_model(
-        cfg.model, backend.init_device, cfg.seed, sequence_length=cfg.max_length
-    )
-    model = backend.wrap_model(model)
+    spec = load_spec(cfg.model, cfg.max_length)
+    model = backend.wrap_model(model_lib.build_model(spec, backend.init_device, cfg.seed))
     adamw = backend.optimizer_class(cfg.optimizer)
     optimizer = optim.build_optimizer(model, cfg, backend.device, adamw)
     metrics = MetricsWriter(run_dir, purge_step=resume_step + 1 if resume_from else None)
@@ -246,6 +246,7 @@ def trainer_as_run_builds_it(output_dir, *overrides):
         eval_set=eval_set,
         metrics=metrics,
         mlperf=mlperf,
+        spec=spec,
     )
     trainer.restore(resume_from)
     try:

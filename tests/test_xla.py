@@ -277,13 +277,13 @@ SHARDING_SCRIPT = textwrap.dedent("""
     from clm.backends.xla_backend import XlaBackend, mesh_shape
     from clm.config import ConfigError
     from clm.model import build_model
-    from conftest import model_cfg
+    from conftest import model_spec
 
     tp, ep = int(sys.argv[1]), int(sys.argv[2])
     backend = XlaBackend(tp, ep)
     model = backend.wrap_model(
         build_model(
-            model_cfg(config_path="mixtral_small.json"), backend.init_device, 0, backend.place
+            model_spec(config_path="mixtral_small.json"), backend.init_device, 0, backend.place
         )
     )
     specs = {
@@ -306,10 +306,10 @@ PRETRAINED_SCRIPT = textwrap.dedent("""
     from transformers import AutoModelForCausalLM
     from clm.backends.xla_backend import XlaBackend
     from clm.model import build_model
-    from conftest import model_cfg
+    from conftest import model_spec
 
     backend = XlaBackend(tensor_parallelism=2)
-    cfg = model_cfg(name_or_path=sys.argv[1])
+    cfg = model_spec(name_or_path=sys.argv[1])
     model = backend.wrap_model(build_model(cfg, backend.init_device, 0, backend.place))
     reference = AutoModelForCausalLM.from_pretrained(sys.argv[1]).state_dict()
     mine = model.state_dict()
@@ -530,12 +530,12 @@ def test_flash_attention_off_tpu_is_a_config_error(tmp_path):
 
 
 def _load_on_cpu(path):
-    from conftest import model_cfg
+    from conftest import model_spec
 
     from clm import checkpoint
     from clm.model import build_model
 
-    model = build_model(model_cfg(config_path="mixtral_small.json"), torch.device("cpu"), 1)
+    model = build_model(model_spec(config_path="mixtral_small.json"), torch.device("cpu"), 1)
     checkpoint.restore(path, model, None)
     return model.state_dict()
 
@@ -629,9 +629,9 @@ SHARDS_SCRIPT = textwrap.dedent("""
     from clm.backends.xla_backend import XlaBackend
     from clm import model as model_lib
     from clm.sharding import blocks_by_device, partition_spec, rows_by_device
-    from conftest import model_cfg
+    from conftest import model_spec
 
-    config = model_lib.build_hf_config(model_cfg(config_path="mixtral_small.json"))
+    config = model_lib.build_hf_config(model_spec(config_path="mixtral_small.json"))
     shapes = model_lib._meta_model(config, torch.float32).state_dict()
     out = {}
     for tp, ep, slices in ((1, 1, 1), (2, 1, 2), (2, 2, 2)):
@@ -757,13 +757,13 @@ SPMD_CHECKPOINT_SCRIPT = textwrap.dedent("""
     from clm import checkpoint
     from clm.backends.xla_backend import XlaBackend
     from clm.model import build_model
-    from conftest import model_cfg
+    from conftest import model_spec
 
     backend = XlaBackend(1, 1)
 
     def build(seed):
         model = backend.wrap_model(
-            build_model(model_cfg(config_path="mixtral_small.json"), backend.init_device, seed)
+            build_model(model_spec(config_path="mixtral_small.json"), backend.init_device, seed)
         )
         return model, adamw(model.parameters(), lr=1e-2)
 
@@ -853,13 +853,13 @@ def _assert_spmd_checkpoint(path, weights):
     # DCP's own keys (the CPU backend's), not torch_xla's "optim.param_groups" in one piece
     assert "optim.param_groups.0.lr" in metadata and "optim.param_groups" not in metadata
     # the plain CPU loader restores weights and AdamW state (step, moments) as saved
-    from conftest import model_cfg
+    from conftest import model_spec
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from clm import checkpoint
     from clm.model import build_model
 
-    model = build_model(model_cfg(config_path="mixtral_small.json"), torch.device("cpu"), 1)
+    model = build_model(model_spec(config_path="mixtral_small.json"), torch.device("cpu"), 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     assert checkpoint.restore(path, model, optimizer) == {"step": 1}
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -991,18 +991,18 @@ SCAN_SCRIPT = textwrap.dedent("""
     from clm import moe
     from clm.backends.xla_backend import XlaBackend
     from clm.model import build_model, forward
-    from conftest import model_cfg
+    from conftest import model_spec
 
     # the preset's program: dropping experts, per-sequence capacity, checkpointed layers
     scan = sys.argv[1] == "scan"
-    cfg = model_cfg(
-        config_path="mixtral_small.json", capacity_factor=0.5, gradient_checkpointing=True
+    cfg = model_spec(
+        32, config_path="mixtral_small.json", capacity_factor=0.5, gradient_checkpointing=True
     )
     backend = XlaBackend(scan_layers=scan)
     model = backend.wrap_model(
-        build_model(cfg, backend.init_device, 0, backend.place, backend.region, 32)
+        build_model(cfg, backend.init_device, 0, backend.place, backend.region)
     )
-    reference = build_model(cfg, torch.device("cpu"), 0, sequence_length=32)
+    reference = build_model(cfg, torch.device("cpu"), 0)
     ids = torch.randint(0, 32000, (8, 32), generator=torch.Generator().manual_seed(1))
     results = {}
     for name, net, batch in (

@@ -49,6 +49,7 @@ from clm import optim
 from clm.backends import Backend, pallas
 from clm.backends.xla_backend import XlaBackend, _build_mesh
 from clm.sharding import BATCH_AXES, mesh_shape, partition_spec
+from clm.spec import load_spec
 from clm.trainer import Trainer
 
 
@@ -172,7 +173,8 @@ def trace(cfg: DictConfig, devices: int, workdir: Path) -> dict:
     xr.use_spmd()
     with logical_devices(devices), pallas.targeting_tpu():
         backend = TargetBackend(cfg, devices)
-        model = backend.wrap_model(model_lib.build_meta_model(cfg.model, cfg.max_length))
+        spec = load_spec(cfg.model, cfg.max_length)
+        model = backend.wrap_model(model_lib.build_meta_model(spec))
         names = {p: n for n, p in model.named_parameters()}
         optimizer = optim.build_optimizer(
             model, cfg, backend.device, backend.optimizer_class(cfg.optimizer)
@@ -180,14 +182,19 @@ def trace(cfg: DictConfig, devices: int, workdir: Path) -> dict:
         scheduler = optim.build_scheduler(optimizer, cfg.sched, float(cfg.lr))
         fill_adamw_state(optimizer, backend, names)
         trainer = Trainer(
-            cfg=cfg, backend=backend, model=model, optimizer=optimizer, scheduler=scheduler
+            cfg=cfg,
+            backend=backend,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            spec=spec,
         )
         trainer.nonfinite_steps = backend.placeholder("nonfinite_steps", (), torch.int32)
         facts = {
             "devices": devices,
             "mesh": backend.axis_sizes,
             "attention_kernel": backend.attention_kernel,
-            "experts_implementation": getattr(model.config, "_experts_implementation", None),
+            "experts_implementation": _experts_name(spec, model),
             "parameters": sum(p.numel() for p in names),
             "flops_per_token": trainer.flops_per_token,
             "train_tokens_per_step": int(cfg.global_train_batch_size) * int(cfg.max_length),
@@ -217,6 +224,14 @@ def trace(cfg: DictConfig, devices: int, workdir: Path) -> dict:
         hlo, facts["train_step"] = program(outputs, sources, backend)
         (workdir / "train_step.hlo").write_text(hlo)
     return facts
+
+
+def _experts_name(spec, model: torch.nn.Module) -> str | None:
+    """Ours as clm_<implementation> (its registry key also spells out the MoESpec), else the
+    implementation transformers picked."""
+    if spec.moe is not None and spec.moe.implementation != "hf":
+        return f"clm_{spec.moe.implementation}"
+    return getattr(model.config, "_experts_implementation", None)
 
 
 def _moe_statistics(model: torch.nn.Module) -> list[torch.Tensor]:

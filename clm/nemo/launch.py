@@ -26,6 +26,7 @@ from pathlib import Path
 
 from clm import config as config_lib
 from clm.nemo import recipe
+from clm.spec import load_spec
 
 NEMO_MISSING = (
     "error: clm.nemo.launch needs Megatron-Bridge (megatron.bridge), which is not installed here; "
@@ -72,10 +73,13 @@ def parse_args(argv: list[str]) -> tuple[bool, int | None, list[str]]:
 
 
 def settings_for(overrides: list[str], world_size: int):
-    """(cfg, settings): compose, validate, read the data's token counts, translate."""
+    """(cfg, spec, settings): compose, validate, read the model spec and the data's token
+    counts, translate."""
     cfg = recipe.compose(overrides)
     config_lib.validate(cfg)
-    return cfg, recipe.build_settings(cfg, world_size=world_size, data=recipe.data_stats(cfg))
+    spec = load_spec(cfg.model, cfg.max_length)
+    data = recipe.data_stats(cfg)
+    return cfg, spec, recipe.build_settings(cfg, spec, world_size=world_size, data=data)
 
 
 def build_container(settings: dict):
@@ -121,8 +125,9 @@ def build_container(settings: dict):
     )
 
 
-def mlperf_events(cfg, settings: dict, rank: int):
-    """The MLPerf logger (enabled on rank 0), with init_start and the hyperparameters logged."""
+def mlperf_events(cfg, spec, settings: dict, rank: int):
+    """The MLPerf logger (enabled on rank 0), with init_start and the hyperparameters logged
+    (the model's from `spec`)."""
     from omegaconf import open_dict
 
     from clm import mlperf
@@ -137,10 +142,10 @@ def mlperf_events(cfg, settings: dict, rank: int):
     logger.init_start()
     logger.log_hparams(
         cfg,
+        spec,
         eval_samples=derived["eval_samples"],
         train_samples=derived["train_samples"],
         warmup_steps=derived["warmup_steps"],
-        moe_aux_loss_coeff=derived["moe_aux_loss_coeff"],
     )
     return MLPerfEvents(
         logger,
@@ -169,17 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg, settings = settings_for(overrides, world_size)
+        cfg, spec, settings = settings_for(overrides, world_size)
     except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if dry_run:
         print(recipe.to_json(settings))
         return 0
-    return train(cfg, settings)
+    return train(cfg, spec, settings)
 
 
-def train(cfg, settings: dict) -> int:
+def train(cfg, spec, settings: dict) -> int:
     """Run pretrain() with the MLPerf callback; rank 0 writes the run directory's files."""
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
@@ -194,7 +199,7 @@ def train(cfg, settings: dict) -> int:
         (run_dir / "nemo_settings.json").write_text(recipe.to_json(settings) + "\n")
     for name, value in settings["derived"]["wandb_env"].items():
         os.environ.setdefault(name, value)  # the job's own environment wins
-    events = mlperf_events(cfg, settings, rank)
+    events = mlperf_events(cfg, spec, settings, rank)
     try:
         pretrain(build_container(settings), forward_step, callbacks=[bridge_callback(events)])
     finally:

@@ -51,7 +51,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from clm import config as config_lib
-from clm import mlperf
+from clm.spec import ModelSpec, MoESpec
 
 MEGATRON_BRIDGE_VERSION = "0.3.0"
 NEMO_CONTAINER_TAG = "26.02"
@@ -86,24 +86,14 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         raise config_lib.ConfigError(str(e).strip().splitlines()[0]) from e
 
 
-def model_json(cfg: DictConfig) -> dict:
-    """The HF config of the model: `model.config_path`, else `<model.name_or_path>/config.json`."""
-    if cfg.model.config_path is not None:
-        path = config_lib.resolve_config_file(cfg.model.config_path)
-    else:
-        path = Path(str(cfg.model.name_or_path)) / "config.json"
-        if not path.is_file():
-            raise config_lib.ConfigError(
-                f"model.name_or_path={cfg.model.name_or_path}: the NeMo path needs a local HF "
-                "directory with config.json (or set model.config_path)"
-            )
-    hf = json.loads(path.read_text())
-    if hf.get("model_type") not in ARCHITECTURES:
+def check_architecture(spec: ModelSpec) -> ModelSpec:
+    """The model spec, if Megatron-Bridge's MistralModelProvider builds it; else ConfigError."""
+    if spec.model_type not in ARCHITECTURES:
         raise config_lib.ConfigError(
-            f"{path.name}: model_type={hf.get('model_type')!r}; the NeMo path builds "
+            f"{spec.name}: model_type={spec.model_type!r}; the NeMo path builds "
             f"{' and '.join(ARCHITECTURES)} models only"
         )
-    return hf
+    return spec
 
 
 def _check(ok: bool, message: str) -> None:
@@ -111,14 +101,14 @@ def _check(ok: bool, message: str) -> None:
         raise config_lib.ConfigError(message)
 
 
-def model_settings(cfg: DictConfig, hf: dict) -> dict:
-    """`MistralModelProvider` fields: the architecture from the JSON, parallelism from cfg."""
-    heads = int(hf["num_attention_heads"])
-    hidden = int(hf["hidden_size"])
+def model_settings(cfg: DictConfig, spec: ModelSpec) -> dict:
+    """`MistralModelProvider` fields: the architecture from the model spec (its sizes, and the
+    JSON's own values for the rest), parallelism from cfg."""
+    hf = spec.values
+    heads, hidden, layers = spec.heads, spec.hidden, spec.layers
     tp = int(cfg.tensor_parallelism)
     pp = int(cfg.pipeline_parallelism)
     vpp = int(cfg.virtual_pipeline_parallelism)
-    layers = int(hf["num_hidden_layers"])
     nemo = cfg.nemo
     _check(heads % tp == 0, f"tensor_parallelism={tp}: must divide num_attention_heads={heads}")
     _check(layers % pp == 0, f"pipeline_parallelism={pp}: must divide {layers} layers")
@@ -132,16 +122,16 @@ def model_settings(cfg: DictConfig, hf: dict) -> dict:
         cp == 1 or int(cfg.max_length) % (2 * cp) == 0,
         f"context_parallelism={cp}: max_length={cfg.max_length} must be a multiple of 2 x {cp}",
     )
-    dtype = str(cfg.model.dtype)
+    dtype = spec.dtype
     settings = {
         # architecture (HF Mixtral/Mistral config.json)
         "num_layers": layers,
         "hidden_size": hidden,
-        "ffn_hidden_size": int(hf["intermediate_size"]),
+        "ffn_hidden_size": spec.ffn,
         "num_attention_heads": heads,
-        "num_query_groups": int(hf.get("num_key_value_heads") or heads),
-        "kv_channels": int(hf.get("head_dim") or hidden // heads),
-        "vocab_size": int(hf["vocab_size"]),
+        "num_query_groups": spec.kv_heads,
+        "kv_channels": spec.head_dim,
+        "vocab_size": spec.vocab,
         "seq_length": int(cfg.max_length),
         "normalization": "RMSNorm",
         "layernorm_epsilon": float(hf.get("rms_norm_eps", 1e-5)),
@@ -152,7 +142,7 @@ def model_settings(cfg: DictConfig, hf: dict) -> dict:
         "position_embedding_type": "rope",
         "rotary_base": float(hf.get("rope_theta", 1e6)),
         "rotary_percent": 1.0,
-        "share_embeddings_and_output_weights": bool(hf.get("tie_word_embeddings", False)),
+        "share_embeddings_and_output_weights": spec.tied,
         "init_method_std": float(hf.get("initializer_range", 0.02)),
         "hidden_dropout": 0.0,
         "attention_dropout": float(hf.get("attention_dropout", 0.0)),
@@ -173,12 +163,11 @@ def model_settings(cfg: DictConfig, hf: dict) -> dict:
         "expert_model_parallel_size": int(cfg.expert_parallelism),
         "expert_tensor_parallel_size": int(nemo.expert_tensor_parallelism),
     }
-    if cfg.model.gradient_checkpointing:
+    if spec.gradient_checkpointing:
         settings.update(recompute_granularity="full", recompute_method="uniform")
         settings["recompute_num_layers"] = 1
-    experts = int(hf.get("num_local_experts") or 0)
-    if hf["model_type"] == "mixtral" and experts > 0:
-        settings.update(moe_settings(cfg, hf, experts))
+    if spec.moe is not None:
+        settings.update(moe_settings(cfg, spec.moe, spec.ffn))
     else:
         _check(
             int(cfg.expert_parallelism) == 1,
@@ -187,10 +176,10 @@ def model_settings(cfg: DictConfig, hf: dict) -> dict:
     return settings
 
 
-def moe_settings(cfg: DictConfig, hf: dict, experts: int) -> dict:
-    """Megatron-core's MoE fields for Mixtral's sparse MLP."""
+def moe_settings(cfg: DictConfig, moe: MoESpec, ffn: int) -> dict:
+    """Megatron-core's MoE fields for Mixtral's sparse MLP (experts of `ffn` hidden units)."""
     ep = int(cfg.expert_parallelism)
-    capacity = float(cfg.model.capacity_factor)
+    experts, capacity = moe.num_experts, moe.capacity_factor
     nemo = cfg.nemo
     _check(ep >= 1 and experts % ep == 0, f"expert_parallelism={ep}: must divide {experts} experts")
     _check(
@@ -203,10 +192,10 @@ def moe_settings(cfg: DictConfig, hf: dict, experts: int) -> dict:
     )
     return {
         "num_moe_experts": experts,
-        "moe_router_topk": int(hf["num_experts_per_tok"]),
-        "moe_ffn_hidden_size": int(hf["intermediate_size"]),
+        "moe_router_topk": moe.top_k,
+        "moe_ffn_hidden_size": ffn,
         "moe_router_load_balancing_type": "aux_loss",
-        "moe_aux_loss_coeff": mlperf.aux_loss_coef(cfg),
+        "moe_aux_loss_coeff": moe.aux_loss_coef,
         "moe_router_score_function": "softmax",
         "moe_router_pre_softmax": False,
         "moe_router_dtype": nemo.router_dtype,
@@ -285,8 +274,9 @@ def sizes(cfg: DictConfig, world_size: int) -> dict:
     }
 
 
-def build_settings(cfg: DictConfig, *, world_size: int, data: dict) -> dict:
-    """Every Megatron-Bridge setting of a run, from our config, the GPU count and the data.
+def build_settings(cfg: DictConfig, spec: ModelSpec, *, world_size: int, data: dict) -> dict:
+    """Every Megatron-Bridge setting of a run, from our config, its model spec
+    (`clm.spec.load_spec`), the GPU count and the data.
 
     `data` is `data_stats(cfg)`: the prefixes of the indexed datasets and their token counts.
     Raises ConfigError (one line naming the key) for anything Megatron would reject later.
@@ -295,8 +285,7 @@ def build_settings(cfg: DictConfig, *, world_size: int, data: dict) -> dict:
         not cfg.do_first_eval,
         "do_first_eval=true: Megatron-Bridge 0.3.0 does not evaluate before the first step",
     )
-    hf = model_json(cfg)
-    model = model_settings(cfg, hf)
+    model = model_settings(cfg, check_architecture(spec))
     size = sizes(cfg, world_size)
     gbs = size["global_batch_size"]
     seq = int(cfg.max_length)
@@ -311,7 +300,7 @@ def build_settings(cfg: DictConfig, *, world_size: int, data: dict) -> dict:
     if eval_interval == -1:
         eval_interval = config_lib.eval_cadence(seq, gbs)
     scheduler, min_lr = schedule_settings(cfg)
-    dtype = str(cfg.model.dtype)
+    dtype = spec.dtype
     run_dir = str(cfg.run_dir)
     save = int(cfg.save_frequency) > 0
     save_dir = str(cfg.save_dir)
@@ -405,7 +394,6 @@ def build_settings(cfg: DictConfig, *, world_size: int, data: dict) -> dict:
             "eval_sequences_per_eval": math.ceil(eval_samples / gbs) * gbs,
             "train_samples": train_samples,
             "warmup_steps": scheduler["lr_warmup_iters"],
-            "moe_aux_loss_coeff": model.get("moe_aux_loss_coeff", 0.0),
             "target_eval_loss": float(cfg.target_eval_loss),
             "max_steps": int(cfg.max_steps),
             "megatron_bridge": MEGATRON_BRIDGE_VERSION,
