@@ -224,7 +224,16 @@ def test_trainer_metrics_and_mlperf_read_the_spec():
     logger = mlperf.MLPerfLogger(cfg, None, enabled=False)
     metrics = MetricsWriter(None, enabled=False)
     backend = TorchBackend(cpu)
-    trainer = Trainer(cfg, backend, model, opt, sched, None, None, metrics, logger, spec=spec)
+    trainer = Trainer(
+        cfg=cfg,
+        backend=backend,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        metrics=metrics,
+        mlperf=logger,
+        spec=spec,
+    )
     _, active = count_parameters(model)
     assert trainer.is_moe and trainer.aux_coef == 0.25
     expected = flops_per_token(active, 32000 * 128, False, 4, 128, 32)
