@@ -85,14 +85,26 @@ def test_ctrl_c_or_a_kill_before_the_first_step_leaves_a_directory_the_same_comm
     run_dir = tmp_path / "embedded_default"
 
     def start_and_signal_when(path, signum, command=args):
+        # SIGINT as a terminal delivers it, also where this suite runs in a background job
+        # (whose shell ignores SIGINT, an ignored signal its children inherit)
         proc = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.time() + 300
         while time.time() < deadline and not path.exists() and proc.poll() is None:
             time.sleep(0.01)
         proc.send_signal(signum)
-        return proc, *proc.communicate(timeout=300)
+        try:
+            return proc, *proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:  # it did not stop: never leave it waiting on the pipe
+                proc.kill()
+                proc.wait()
 
     # Ctrl-C while the eval set loads: its file is a named pipe nobody writes, so the run is
     # held there (after the run directory's preparation wrote the MLPerf log) until the signal
