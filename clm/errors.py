@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -35,24 +36,33 @@ class Preempted(RuntimeError):
         self.signum = int(signum)
 
 
-def describe(error: BaseException, path: Path) -> str:
-    """The OS reason behind `error` (walking its causes) and the free space where `path` is."""
-    reason = None
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error` and every exception behind it, each once: its cause, its context, and a DCP
+    CheckpointException's per-rank failures (an (exception, traceback) pair, or an object with
+    `exc`), depth first."""
     seen: set[int] = set()
-    stack = [error]
+    stack: list = [error]
     while stack:
         e = stack.pop()
         if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
+        yield e
+        stack += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():  # DCP: one per rank
+            if isinstance(failure, tuple):
+                stack.append(failure[0])
+            else:
+                stack += [failure, getattr(failure, "exc", None)]
+
+
+def describe(error: BaseException, path: Path) -> str:
+    """The OS reason behind `error` (walking its causes) and the free space where `path` is."""
+    reason = None
+    for e in causes(error):
         if isinstance(e, OSError) and e.errno is not None:
             reason = f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
             break
-        stack += [e.__cause__, e.__context__]
-        for failure in (getattr(e, "failures", None) or {}).values():  # DCP: one per rank
-            stack.append(
-                failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", None)
-            )
     if reason is None:
         text = str(error).strip().splitlines()
         reason = f"{type(error).__name__}: {text[0] if text else ''}"

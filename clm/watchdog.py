@@ -58,6 +58,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from clm.errors import causes
+
 KINDS = ("step", "eval", "save")
 PHASES = ("data", "device", "collective", "checkpoint")
 # a later step, eval or save may take this many times the longest of its kind (after warm-up)
@@ -452,20 +454,11 @@ def communication_error(error: BaseException) -> BaseException | None:
         from torch.distributed import DistError
     except ImportError:  # pragma: no cover - torch without distributed
         DistError = ()  # noqa: N806
-    seen: set[int] = set()
-    stack = [error]
-    while stack:
-        e = stack.pop()
-        if not isinstance(e, BaseException) or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in causes(error):
         if isinstance(e, DistError):
             return e
         if isinstance(e, RuntimeError) and any(m in str(e).lower() for m in COMMUNICATION_MARKS):
             return e
-        stack += [e.__cause__, e.__context__]
-        for failure in (getattr(e, "failures", None) or {}).values():
-            stack.append(failure[0] if isinstance(failure, tuple) else failure)
     return None
 
 
