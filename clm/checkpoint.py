@@ -66,7 +66,6 @@ import os
 import pickle
 import re
 import shutil
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -88,7 +87,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 
-from clm.errors import OutputWriteError, describe
+from clm.errors import OutputWriteError, describe, say
 
 COMMITTED = re.compile(r"^step_(\d{8})$")
 TRAINER_FILE = "trainer.pt"
@@ -499,7 +498,7 @@ class AsyncSaver:
         except Exception as e:
             if not failing:
                 raise
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            say(f"error: {e}")
 
 
 def host_copy(state: dict) -> dict:

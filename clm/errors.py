@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import shutil
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,14 @@ class Preempted(RuntimeError):
     def __init__(self, message: str, signum: int = signal.SIGTERM):
         super().__init__(message)
         self.signum = int(signum)
+
+
+def say(line: str) -> None:
+    """Write `line` and its newline to stderr in one write: processes sharing one stderr pipe
+    (torchrun's ranks) then never splice their lines together (print writes the newline apart,
+    and with PYTHONUNBUFFERED each write is its own system call)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def causes(error: BaseException) -> Iterator[BaseException]:

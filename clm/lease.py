@@ -48,7 +48,6 @@ import json
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -57,7 +56,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from clm.config import ConfigError
-from clm.errors import OutputWriteError
+from clm.errors import OutputWriteError, say
 
 LEASE_NAME = ".lease.json"
 ATTEMPTS = 8  # acquire's rounds of look, judge, take; each lost race costs one
@@ -646,15 +645,11 @@ def leases_for(cfg) -> list[Lease]:
     return leases
 
 
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def exit_lost(lease: Lease, taker: dict) -> None:
     """What a run does when its lease was taken over (it was taken for dead): stop at once,
     writing nothing more into files that are now another run's."""
     who = f"host {taker.get('host')} pid {taker.get('pid')}" if taker else "another run"
-    _say(
+    say(
         f"error: {lease.where}: the lease was taken over by {who} (this run was taken for "
         f"dead: not renewed for run_lease_s={lease.lease_s:g}); stopping at once"
     )
@@ -688,7 +683,7 @@ class Keeper:
                 except Exception as e:  # noqa: BLE001 - a renewal failing must not end the run
                     if lease.where not in self.warned:
                         self.warned.add(lease.where)
-                        _say(f"warning: {lease.where}: could not renew the lease ({e}); retrying")
+                        say(f"warning: {lease.where}: could not renew the lease ({e}); retrying")
                     continue
                 if taker is not None and not self.stopping.is_set():
                     self.on_lost(lease, taker)
@@ -713,7 +708,7 @@ def acquire_all(leases: list[Lease]) -> list[Lease]:
                 ) from e
             taken.append(lease)
             if warning:
-                _say(warning)
+                say(warning)
     except BaseException:
         release_all(taken)
         raise
@@ -725,7 +720,7 @@ def release_all(leases: list[Lease]) -> None:
         try:
             lease.release()
         except Exception as e:  # noqa: BLE001 - the run's own outcome matters more
-            _say(f"warning: {lease.where}: could not release the lease ({e})")
+            say(f"warning: {lease.where}: could not release the lease ({e})")
 
 
 @contextlib.contextmanager

@@ -48,7 +48,9 @@ def _train(cfg: DictConfig) -> None:
 
 
 def _exit(line: str, code: int) -> None:
-    print(line, file=sys.stderr, flush=True)
+    from clm.errors import say
+
+    say(line)
     sys.exit(code)
 
 
