@@ -18,7 +18,7 @@ import fsspec
 import golden
 import pytest
 import torch
-from conftest import RUN_CLM, clean_env, tensorboard_scalars
+from conftest import ROOT, RUN_CLM, clean_env, tensorboard_scalars
 
 from clm import checkpoint
 from clm.config import CLM_DIR
@@ -228,6 +228,109 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     assert "restored" not in fresh.stdout
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3, 4]
     assert [p.name for p in checkpoint.committed(run_dir / "checkpoints")] == ["step_00000004"]
+
+
+# Runs run_clm.py as the user's command does (runpy, as __main__) with one function wrapped so
+# that the process SIGKILLs itself at a chosen point, once the step-4 checkpoint is committed:
+# the wrapper picks the moment; the kill, the files it leaves and the resume are real.
+KILL_AT = """
+import os, runpy, signal, sys
+from pathlib import Path
+
+point, after, root = sys.argv[1], Path(sys.argv[2]), sys.argv[3]  # then run_clm.py's argv
+sys.path.insert(0, root)
+calls = 0
+
+
+def kill_on(n):
+    global calls
+    if after.exists():
+        calls += 1
+        if calls == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if point == "data":  # mid-batch: the loader has produced 3 of the next step's rows
+    from clm import data
+
+    next_block = data._StreamingBlocks.__next__
+
+    def __next__(self):
+        kill_on(4)
+        return next_block(self)
+
+    data._StreamingBlocks.__next__ = __next__
+elif point == "eval":  # after the first batch of the next eval
+    from clm import data
+
+    eval_batches = data.EvalSet.batches
+
+    def batches(self, rows):
+        for batch in eval_batches(self, rows):
+            yield batch
+            kill_on(1)
+
+    data.EvalSet.batches = batches
+elif point == "save":  # the next save's shard file half written: 10 tensors in, no metadata
+    from torch.distributed.checkpoint import filesystem
+
+    write_item = filesystem._write_item
+
+    def _write_item(*args, **kwargs):
+        kill_on(10)
+        return write_item(*args, **kwargs)
+
+    filesystem._write_item = _write_item
+sys.argv = sys.argv[4:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sigkill_while_loading_data_then_evaluating_then_saving_each_resumed_exactly(tmp_path):
+    """SIGKILL at three more points, each followed by the same command: inside the data loader
+    (mid-batch, after the step-4 save), inside the step-8 eval (after its first batch), inside
+    the step-8 save (its shard file half written, no metadata). Each resume starts from the
+    latest committed checkpoint (step 4), and the run's logged values end up the uninterrupted
+    run's (tests/golden/embedded_default_14_steps.json)."""
+    env = clean_env(tmp_path)
+    script = tmp_path / "kill_at.py"
+    script.write_text(KILL_AT)
+    args = command(tmp_path / "killed")
+    run_dir = tmp_path / "killed" / "embedded_default"
+    checkpoints = run_dir / "checkpoints"
+
+    def kill_at(point: str, after: str) -> list[int]:
+        """Run the command until it kills itself at `point` once checkpoint `after` exists;
+        the steps it logged."""
+        wrapped = [sys.executable, str(script), point, str(checkpoints / after), str(ROOT)]
+        proc = subprocess.run(
+            wrapped + args[1:], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        return [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+
+    steps = kill_at("data", "step_00000004")
+    assert max(steps) in (4, 5) and checkpoint.latest(checkpoints).name == "step_00000004"
+
+    steps = kill_at("eval", "step_00000004")  # resumed at 4; the step-8 eval precedes its save
+    evals = [r["step"] for r in read_metrics(run_dir) if "eval/loss" in r]
+    assert max(steps) == 8 and evals == [4]
+
+    steps = kill_at("save", "step_00000004")  # resumed at 4 again: the step-8 save is cut
+    assert max(steps) == 8
+    partial = checkpoints / "step_00000008.partial"
+    [shard] = partial.glob("*.distcp")  # some tensors in, no metadata, no trainer state
+    assert 0 < shard.stat().st_size and not (partial / ".metadata").exists()
+    assert not (partial / checkpoint.TRAINER_FILE).exists()
+    latest = checkpoint.latest(checkpoints)
+    assert latest.name == "step_00000004"
+
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"restored {latest} (step " in again.stdout
+    assert "Stopped at max_steps=14: 14 steps, 14,336 tokens, " in again.stdout
+    golden.check("embedded_default_14_steps", read_metrics(run_dir))
+    assert not list(checkpoints.glob("*.partial"))
 
 
 @pytest.mark.parametrize("protocol", ["file", "gs"])
