@@ -65,7 +65,7 @@ class Ours:
     name = "ours"
 
     def __init__(self, cfg, spec, backend):
-        model = backend.wrap_model(model_lib.build_model(spec, backend.init_device, cfg.seed))
+        model = backend.build_model(spec, cfg.seed)
         adamw = backend.optimizer_class(cfg.optimizer)
         optimizer = optim.build_optimizer(model, cfg, backend.device, adamw)
         scheduler = optim.build_scheduler(optimizer, cfg.sched, float(cfg.lr))

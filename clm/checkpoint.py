@@ -54,6 +54,11 @@ metadata holds (`_METADATA_GLOBALS`); anything else is a `CheckpointError` namin
 the global, and nothing in it runs. The optimizer's non-tensor values inside the shards are read
 with `torch.load(weights_only=True)` (`_LoadPlanner`: DCP's default planner passes False;
 torch_xla's SPMDLoadPlanner calls `torch.load` with torch 2.9's default, True).
+
+Why this module is long: the checkpoint format in one place: save, commit (rename or marker),
+prune, latest, restore, for local paths and fsspec URLs alike, the background saver and the safe
+`.metadata` unpickler all depend on the same layout rules; the trainer's policy around it is
+clm/checkpointer.py.
 """
 
 from __future__ import annotations

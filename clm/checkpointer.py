@@ -183,7 +183,8 @@ class Checkpointer:
         self.frequency = int(cfg.save_frequency or 0)  # 0: no saves at all
         self.signals = StopSignals()
         # async_checkpointing: saves written by a background thread (clm.checkpoint.AsyncSaver)
-        self.async_saves = config_lib.async_checkpointing(cfg, backend.name)
+        value = cfg.get("async_checkpointing", "auto")
+        self.async_saves = backend.async_saves_by_default if value == "auto" else bool(value)
         self.saver: checkpoint.AsyncSaver | None = None
         # the step of the latest save this process started, and where it goes
         self.saved_step: int | None = None

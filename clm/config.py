@@ -4,6 +4,9 @@ The YAML tree in `clm/config/` documents every key. This module only adds what Y
 the resolvers the tree uses, the values derived from the device count (global batch sizes,
 eval cadence), and checks that fail in one line naming the key, before data or devices are
 touched.
+
+Why this module is long: every check of every top-level key (one `ConfigError` line each) and
+the derived sizes; long because the keys are many, each check a few lines.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ EVAL_EVERY_TOKENS = 24576 * 2048
 
 BACKENDS = ("auto", "cpu", "cuda", "xla")
 XLA_RECOMPILE = ("warn", "error", "ignore")
-XLA_ATTENTION = ("auto", "flash", "sdpa")  # clm.attention.CHOICES (torch-free here)
+XLA_ATTENTION = ("auto", "flash", "sdpa")  # clm.backends.xla_attention.CHOICES (torch-free here)
 OPTIMIZERS = ("ADAMW_TORCH", "ADAMW_TORCH_XLA")
 SCHEDULERS = ("WarmupHoldPolicy", "CosineAnnealing")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -350,13 +353,6 @@ def redacted(node):
     if isinstance(node, list):
         return [redacted(v) for v in node]
     return node
-
-
-def async_checkpointing(cfg: DictConfig, backend: str) -> bool:
-    """Whether saves are written in the background: `async_checkpointing`, auto = on XLA only
-    (where a save's write is long next to a step; clm/checkpoint.py, AsyncSaver)."""
-    value = cfg.get("async_checkpointing", "auto")
-    return backend == "xla" if value == "auto" else bool(value)
 
 
 def warmup_steps(sched: DictConfig) -> int:

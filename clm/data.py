@@ -14,6 +14,10 @@ Labels equal inputs (the model shifts them).
 Eval set: the first `n_eval_examples` documents, packed the same way; the last partial block is
 padded (inputs with `pad_token_id`, a real id; labels with -100), then whole rows of padding are
 added until the row count is a multiple of the global eval batch. Padding carries zero weight.
+
+Why this module is long: the train stream and its saved position are one contract (a resume
+reads exactly the blocks that follow): the shard reader, the packing, the shuffle buffer and the
+position live together; the eval set shares the reader and the tokenization.
 """
 
 from __future__ import annotations

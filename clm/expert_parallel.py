@@ -101,7 +101,7 @@ def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 def shard_experts(model: torch.nn.Module, ep_mesh) -> list[torch.nn.Module]:
     """Shard every experts tensor Shard(0) over `ep_mesh`; route the layers to `forward`.
 
-    The model is on the meta device (`clm.model.build_sharded_model` fills each rank's slice
+    The model is on the meta device (`FsdpBackend.build_model` fills each rank's slice
     afterwards); a model with weights works too: each rank holds the same full weights (same
     seed), so its shard is a slice, with no communication. Returns the experts modules (the backend gives each its own FSDP unit).
     """

@@ -37,6 +37,12 @@ them was frozen (SIGSTOP, a paused VM) on another host for longer than lease_s, 
 run took its lease over, and then resumed: the resumed one finds at its next renewal (within
 5 s) that the lease is another's and stops at once (exit 1, `exit_lost`), but it may have
 written until then.
+
+Why this module is long: one concept, kept whole: the lease record, its liveness rules (pid,
+process start time, boot id, pid namespace, renewal age) and takeover are shared by its two
+stores (a file with flock rounds, a gs:// object with generation preconditions) and the renewing
+thread; split by store, each half would import the rules from a third module that only they
+read.
 """
 
 from __future__ import annotations

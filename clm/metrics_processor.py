@@ -145,7 +145,7 @@ class MetricsProcessor:
             f"XLA compiled {now - before} new program(s) during {what}, after warm-up: a "
             "tensor shape or a traced Python value changed (xla_recompile=warn|error|ignore)"
         )
-        policy = self.cfg.get("xla_recompile", "warn")
+        policy = self.backend.recompile_policy
         if policy == "error":
             raise TrainingError(message)
         if policy == "warn" and self.backend.is_main:

@@ -12,9 +12,9 @@ init, then each tensor is read from its shard straight into the parameter's memo
 Where no host may hold the whole model, `materialize` makes it a piece at a time (a decoder
 layer, or another module's own tensors), randomly initialized or read from the shards, and
 hands each tensor to a `place` before the next piece exists, so the host's peak is one decoder
-layer: the XLA backend's sharded transfer (`build_model(..., place)`), or the copy of each
-process's part into a model FSDP2 sharded on the meta device (`build_sharded_model`). A
-`region` (the part each process keeps) narrows the checkpoint reads to that part.
+layer: the XLA backend's sharded transfer, or the copy of each process's part into a model FSDP2
+sharded on the meta device (each backend's `build_model`, clm/backends/, passes its `place`).
+A `region` (the part each process keeps) narrows the checkpoint reads to that part.
 
 Losses follow the reference: next-token NLL, token-mean over unmasked labels; in training the
 Switch load-balancing loss times `router_aux_loss_coef` is added (eval reports the NLL alone).
@@ -261,70 +261,6 @@ def build_meta_model(spec: ModelSpec) -> PreTrainedModel:
     """The model on the meta device (no memory), configured and in train mode as `build_model`
     leaves it: what a sharded backend partitions before any weight exists."""
     return _ready_to_train(_meta_model(build_hf_config(spec), DTYPES[spec.dtype]), spec)
-
-
-def build_sharded_model(
-    spec: ModelSpec,
-    device: torch.device,
-    seed: int,
-    shard: Callable[[PreTrainedModel], PreTrainedModel],
-) -> PreTrainedModel:
-    """The model sharded by `shard` (FSDP2's `fully_shard`) before any weight exists.
-
-    `shard` runs on the meta-device model, and each process allocates only its shards on
-    `device` (`to_empty`). The weights are then made exactly as `build_model` makes them for
-    one process, a piece (a decoder layer) at a time (`materialize`: randomly initialized on
-    `device`, as one process would with its generator, or read from safetensors on the CPU),
-    and each process copies its part of each tensor into its shard (`LocalParts`) before the
-    next piece is made: no process or device ever holds the whole model, and every process gets
-    the numbers one process would. From a checkpoint, each process reads only its parts' bytes.
-    """
-    model = shard(build_meta_model(spec))
-    model.to_empty(device=device)
-    parts = LocalParts(model)
-    build_model(spec, device, seed, parts, parts.region)
-    unfilled = [name for name, t in parts.targets.items() if id(t) not in parts.filled]
-    if unfilled:  # to_empty left them uninitialized: never train on that
-        raise RuntimeError(f"the sharded model's {', '.join(unfilled[:3])} were never filled")
-    return model
-
-
-class LocalParts:
-    """A `materialize` place into a sharded model: this process's part of each new tensor is
-    copied into the sharded model's tensor of the same name (a DTensor's local shard, or a
-    whole unsharded buffer), and the new tensor dropped (a meta stand-in is returned).
-
-    `region` is that part as a box, so a checkpoint reader reads only it."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.targets = {
-            **dict(model.named_parameters(remove_duplicate=False)),
-            **dict(model.named_buffers(remove_duplicate=False)),
-        }
-        self.filled: set[int] = set()
-
-    def region(self, name: str, shape: tuple = ()) -> tuple[slice, ...] | None:
-        from torch.distributed.tensor import DTensor
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        target = self.targets[name]
-        if not isinstance(target, DTensor):
-            return None
-        local_shape, offset = compute_local_shape_and_global_offset(
-            target.shape, target.device_mesh, target.placements
-        )
-        return tuple(slice(o, o + n) for o, n in zip(offset, local_shape, strict=True))
-
-    @torch.no_grad()
-    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        target = self.targets[name]
-        box = self.region(name)
-        if box is None:
-            target.copy_(tensor)
-        else:
-            target.to_local().copy_(tensor[box])
-        self.filled.add(id(target))
-        return torch.empty_like(tensor, device="meta")
 
 
 def _to_device(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

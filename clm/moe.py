@@ -62,6 +62,10 @@ and are materialized by the step's own sync.
 
 Shape legend: T tokens, D hidden, F ffn, E experts, K top-k, C capacity, S = T * K
 (token, k) assignments. Suffixes name the dimensions: `x_TD`, `w_EDF`, `slot_S`.
+
+Why this module is long: the four experts implementations, their registration with transformers
+and the MoE statistics share the routing and the spec binding; the dropping experts' slot copies
+are clm/expert_slots.py.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ counts, per device, what clm's code keeps alive at the peak of a training step (
 are exact (tests compare them with the built HF model), and so are the bytes of parameters,
 gradients and AdamW state on one device (tests compare them with a real optimizer step).
 Only torch-free modules are imported: no torch, no torch_xla, no accelerator.
+
+Why this module is long: one self-contained tool without torch: the slice tables, the parameter
+and FLOPs counts, the per-device memory model and the report all read the same few sizes;
+`clm.memory` and `clm.aot` reuse its memory model, so it stays one import.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Build order (`run`; each step may fail with a one-line error before the next cos
   2. the run directory's lease (clm.lease) -> run directory (clm.checkpointer.prepare_run_dir)
      -> config.yaml, MLPerf init
   3. tokenizer -> eval set and train stream (data errors surface here)
-  4. model (meta -> device -> init) -> optimizer and schedule -> metrics writer
+  4. model (`backend.build_model`: meta -> shard -> fill, each backend its way) -> optimizer
+     and schedule -> metrics writer
   5. the Trainer, which builds its components in this order: the checkpointer
      (clm.checkpointer: save cadence, async saver, stop signals, resume), then the metrics
      processor (clm.metrics_processor: perf window, compile watch, MFU, progress bar)
@@ -33,6 +34,11 @@ Host reads: on a backend with `async_steps` (XLA) reading a device value waits f
 device work, so the loop reads the logged values back only at the steps that use them (log,
 eval, save and the last step; `Trainer.reads_values`) and otherwise only launches the step: the
 host prepares step k+1 while the device runs step k. Elsewhere every step reads them.
+
+Why this module is long: `run()`'s build order (one function per stage, in the order above) sits
+beside the `Trainer` it ends in, so the order reads in one file; the checkpoint policy and the
+reports are components of their own (clm/checkpointer.py, clm/metrics_processor.py), the model
+build the backend's.
 """
 
 from __future__ import annotations
@@ -549,14 +555,7 @@ def _run_leased(cfg: DictConfig, backend: Backend, watch: Watchdog, spec: ModelS
             "(set model.config_path=null to load its weights)",
             flush=True,
         )
-    if backend.shards_meta_model:
-        model = model_lib.build_sharded_model(spec, backend.device, cfg.seed, backend.wrap_model)
-    else:
-        place, region = None, None
-        if backend.places_weights:
-            place, region = backend.place, backend.region
-        model = model_lib.build_model(spec, backend.init_device, cfg.seed, place, region)
-        model = backend.wrap_model(model)
+    model = backend.build_model(spec, cfg.seed)  # meta -> shard -> fill, each backend its way
     _check_vocab(cfg, model, tokenizer)
     optimizer = optim.build_optimizer(
         model, cfg, backend.device, backend.optimizer_class(cfg.optimizer)

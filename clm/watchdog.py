@@ -46,6 +46,9 @@ muted: c10d prints a C++ backtrace for every store or collective call of any thr
 closed connection. A checkpoint is never left half-committed: a save commits by
 an atomic rename (a `COMMITTED` marker written last on object stores), so an exit mid-save leaves
 the previous checkpoint the latest (clm/checkpoint.py), and the same command resumes from it.
+
+Why this module is long: the bound, what the main thread waits for, the heartbeats that name a
+lost rank and the one-line exit that writes the logs first are one mechanism, tested together.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ With `--fsdp N` it runs under torchrun as N CPU processes of the FSDP2 backend (
 rank; on CPU a rank's shards are host memory, so 1/N of the model counts in every row):
 `fsdp-whole` loads the whole model in each rank, then shards it; `fsdp-pieces` is what the
 trainer does, sharding the meta model and copying each rank's slice of each piece
-(`build_sharded_model`).
+(`FsdpBackend.build_model`).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def measure(directory: str, dtype: str, loader: str) -> None:
         )
     elif loader == "fsdp-pieces":
         spec = load_spec(cfg.model)
-        model = model_lib.build_sharded_model(spec, backend.device, 0, backend.wrap_model)
+        model = backend.build_model(spec, 0)
     elif loader == "clm":
         model = model_lib.load_pretrained(directory, config, model_lib.DTYPES[dtype])
     else:

@@ -1,4 +1,4 @@
-"""The flash-attention adapter (clm/attention.py) in a real tiny Mixtral, on CPU.
+"""The flash-attention adapter (clm/backends/xla_attention.py) in a real tiny Mixtral, on CPU.
 
 The Pallas kernel runs only on a TPU; here the adapter drives a reference causal attention
 with the kernel's signature, written out with matmul + softmax, and the model must give the
@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig
 
-from clm import attention
+from clm.backends import xla_attention as attention
 
 
 def tiny_mixtral(**overrides) -> MixtralConfig:

@@ -302,7 +302,7 @@ SCRIPT = textwrap.dedent("""
     backend = select_backend(cfg)
     config_lib.finalize(cfg, backend.data_parallel_size)
     spec = load_spec(cfg.model)
-    model = model_lib.build_sharded_model(spec, backend.device, 0, backend.wrap_model)
+    model = backend.build_model(spec, 0)
     ref = model_lib.build_model(spec, torch.device("cpu"), 0)
     ref_params = dict(ref.named_parameters())
     out = {"rank": backend.rank, "params": {}}
@@ -342,8 +342,7 @@ SCRIPT = textwrap.dedent("""
         with initialize_config_dir(str(config_lib.CLM_DIR / "config"), version_base=None):
             cfg16 = compose("config", overrides=sys.argv[1:] + ["model.dtype=bfloat16"])
         backend16 = FsdpBackend(cfg16, "cpu")
-        model16 = model_lib.build_sharded_model(load_spec(cfg16.model), torch.device("cpu"), 0,
-                                                backend16.wrap_model)
+        model16 = backend16.build_model(load_spec(cfg16.model), 0)
         # the sharded parameters (what AdamW updates), before a forward swaps in bf16 copies
         dtypes = sorted({str(p.dtype) for p in model16.parameters()})
         logits = model16(input_ids=ids[:4]).logits
@@ -429,7 +428,7 @@ LOAD_SCRIPT = textwrap.dedent("""
         cfg = compose("config", overrides=sys.argv[1:])
     backend = select_backend(cfg)
     spec = load_spec(cfg.model)
-    model = model_lib.build_sharded_model(spec, backend.device, 0, backend.wrap_model)
+    model = backend.build_model(spec, 0)
     whole = model_lib.build_model(spec, torch.device("cpu"), 0)
     expected = dict(whole.named_parameters()) | dict(whole.named_buffers())
     differ, local = [], 0

@@ -421,8 +421,9 @@ class _CountingBackend:
 
     is_main = True
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, recompile_policy: str):
         self.count = count
+        self.recompile_policy = recompile_policy  # XlaBackend's, from xla_recompile
 
     def compile_count(self) -> int:
         return self.count
@@ -440,10 +441,10 @@ def test_a_recompile_after_warm_up_follows_xla_recompile(policy, capsys):
     from clm.errors import TrainingError
     from clm.metrics_processor import MetricsProcessor
 
-    cfg = OmegaConf.create({"xla_recompile": policy, "peak_tflops_per_device": None})
+    cfg = OmegaConf.create({"peak_tflops_per_device": None})
     processor = MetricsProcessor(
         cfg=cfg,
-        backend=_CountingBackend(9),
+        backend=_CountingBackend(9, policy),
         metrics=None,
         mlperf=None,
         tokens_per_step=1,

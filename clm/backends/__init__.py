@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from clm.config import ConfigError
+from clm.spec import ModelSpec
 
 
 class Backend:
@@ -40,22 +41,20 @@ class Backend:
         # where the model's weights are created and initialized before `wrap_model`
         self.init_device = device
 
-    # True where no host may hold the whole model (XLA: a pod's hosts each hold shards): the
-    # trainer then builds it a piece at a time on the CPU (`clm.model.materialize`), handing
-    # each tensor to `place` as soon as it is made.
-    places_weights = False
-    # True where `wrap_model` shards a meta-device model and each process allocates only its
-    # shards (FSDP2): the trainer then fills them a piece at a time (`build_sharded_model`).
-    shards_meta_model = False
+    # saves written by a background thread when `async_checkpointing=auto`: where a save's
+    # write is long next to a step (XLA; clm/checkpoint.py, AsyncSaver)
+    async_saves_by_default = False
+    # what a compile after warm-up does (`xla_recompile` on XLA): warn, error or ignore; nothing
+    # compiles elsewhere (compile_count is None)
+    recompile_policy = "ignore"
 
-    def place(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor of parameter (or buffer) `name`, made on the CPU, moved where it lives."""
-        return tensor.to(self.device)
+    def build_model(self, spec: ModelSpec, seed: int) -> torch.nn.Module:
+        """The model of `spec` (random with `seed`, or its pretrained weights) ready to train
+        on this backend: here made whole on `init_device`, then `wrap_model`. Sharded backends
+        override it to build on the meta device, shard, then fill a piece at a time."""
+        from clm import model as model_lib
 
-    def region(self, name: str, shape: tuple) -> tuple[slice, ...] | None:
-        """The box of tensor `name` that `place` uses on this host (one slice per dim), so that
-        only it is read from a checkpoint; None: all of it."""
-        return None
+        return self.wrap_model(model_lib.build_model(spec, self.init_device, seed))
 
     @property
     def is_main(self) -> bool:
@@ -252,6 +251,7 @@ def _xla_backend(cfg: DictConfig) -> Backend:
         attention=str(cfg.get("xla_attention", "auto")),
         scan_layers=bool(cfg.get("xla_scan_layers", False)),
         compile_cache_dir=cfg.get("local_compile_cache_dir"),
+        recompile_policy=str(cfg.get("xla_recompile", "warn")),
         profile_step=int(cfg.get("xla_profile_step", -1)),
         profile_dir=os.path.join(str(cfg.run_dir), "profile"),
         collective_timeout=collective_timeout(cfg),

@@ -47,7 +47,7 @@ splits the data too, as on XLA), so `data_parallel_size` is the world size.
 Checkpoints: clm/checkpoint.py's DCP save/load, one shard per rank, every rank taking part
 (multi-node: `save_dir` must be a filesystem every node sees).
 
-Initialization (`clm.model.build_sharded_model`): `wrap_model` shards the model while it is
+Initialization (`build_model`): `wrap_model` shards the model while it is
 still on the meta device, each rank allocates only its shards, and the weights are then made a
 decoder layer at a time, each rank copying its slice into its shards before the next layer is
 made: no rank or GPU holds the whole model, and the weights are bitwise those one process would
@@ -72,6 +72,7 @@ from omegaconf import DictConfig
 
 from clm.backends import Backend
 from clm.config import ConfigError
+from clm.spec import ModelSpec
 from clm.watchdog import collective_timeout
 
 # the dtypes `model.dtype` may name here, as the compute dtype of the mixed-precision policy
@@ -92,7 +93,6 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 class FsdpBackend(Backend):
     name = "fsdp"
-    shards_meta_model = True  # wrap_model runs on the meta model; see clm.model.build_sharded_model
     # the forward and backward all-gather weights and reduce-scatter gradients as they go
     compute_phase = "device or an FSDP collective"
 
@@ -149,6 +149,29 @@ class FsdpBackend(Backend):
         self.local_data_parallel_size = 1
 
     # ---- model -----------------------------------------------------------------------------
+    def build_model(self, spec: ModelSpec, seed: int) -> torch.nn.Module:
+        """The model sharded (`wrap_model`, FSDP2's `fully_shard`) before any weight exists.
+
+        `wrap_model` runs on the meta-device model, and each process allocates only its shards
+        on its device (`to_empty`). The weights are then made exactly as `clm.model.build_model`
+        makes them for one process, a piece (a decoder layer) at a time (`materialize`:
+        randomly initialized on the device, as one process would with its generator, or read
+        from safetensors on the CPU), and each process copies its part of each tensor into its
+        shard (`LocalParts`) before the next piece is made: no process or device ever holds the
+        whole model, and every process gets the numbers one process would. From a checkpoint,
+        each process reads only its parts' bytes.
+        """
+        from clm import model as model_lib
+
+        model = self.wrap_model(model_lib.build_meta_model(spec))
+        model.to_empty(device=self.device)
+        parts = LocalParts(model)
+        model_lib.build_model(spec, self.device, seed, parts, parts.region)
+        unfilled = [name for name, t in parts.targets.items() if id(t) not in parts.filled]
+        if unfilled:  # to_empty left them uninitialized: never train on that
+            raise RuntimeError(f"the sharded model's {', '.join(unfilled[:3])} were never filled")
+        return model
+
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
         from torch.distributed.tensor import Shard
@@ -281,3 +304,41 @@ class FsdpBackend(Backend):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class LocalParts:
+    """A `materialize` place into a sharded model: this process's part of each new tensor is
+    copied into the sharded model's tensor of the same name (a DTensor's local shard, or a
+    whole unsharded buffer), and the new tensor dropped (a meta stand-in is returned).
+
+    `region` is that part as a box, so a checkpoint reader reads only it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.targets = {
+            **dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False)),
+        }
+        self.filled: set[int] = set()
+
+    def region(self, name: str, shape: tuple = ()) -> tuple[slice, ...] | None:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        target = self.targets[name]
+        if not isinstance(target, DTensor):
+            return None
+        local_shape, offset = compute_local_shape_and_global_offset(
+            target.shape, target.device_mesh, target.placements
+        )
+        return tuple(slice(o, o + n) for o, n in zip(offset, local_shape, strict=True))
+
+    @torch.no_grad()
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        target = self.targets[name]
+        box = self.region(name)
+        if box is None:
+            target.copy_(tensor)
+        else:
+            target.to_local().copy_(tensor[box])
+        self.filled.add(id(target))
+        return torch.empty_like(tensor, device="meta")

@@ -1,6 +1,6 @@
 """Pallas kernels on XLA: whether the program is built for a TPU, and lowering them for one.
 
-torch_xla runs a Pallas kernel (the flash attention of `clm.attention`) as a TPU custom call
+torch_xla runs a Pallas kernel (the flash attention of `clm.backends.xla_attention`) as a TPU custom call
 whose payload jax lowers from the kernel (torch_xla's `custom_kernel.trace_pallas`). The
 package picks such kernels where the XLA program is for a TPU: `on_tpu()`, true on a TPU
 runtime, and inside `targeting_tpu()`, which `clm.aot` uses to trace a TPU program on the CPU

@@ -12,7 +12,7 @@ expert axis also splits data outside the MoE layers), so
   data_parallel_size = fsdp * expert_parallelism,
 which `clm.config.finalize` uses for the global batch. The "tensor" axis replicates the batch.
 
-The model is made a piece at a time on the host (`places_weights`: `clm.model.materialize`, a
+The model is made a piece at a time on the host (`build_model`: `clm.model.materialize`, a
 decoder layer at a time, randomly initialized by the CPU generator or read from safetensors), and
 `place` transfers each tensor sharded (the same sharded transfer as the batches: each host sends
 only its devices' shards), so no host ever holds the whole model. From a checkpoint each host
@@ -103,6 +103,11 @@ steps). `compile_count()` reads torch_xla's `CompileTime` metric for the recompi
 `profile(step)` captures an XLA profile of one step (`xla_profile_step`, waiting for the device
 at its end) into `${run_dir}/profile` for TensorBoard's profile plugin; `local_compile_cache_dir`
 holds the persistent compilation cache on TPU.
+
+Why this module is long: the one module that imports torch_xla's runtime: mesh, sharded build
+and transfer, host rows, the hosts' gloo group and the SPMD checkpoint planners share the mesh
+and the host's device ids; its pieces that need none of that are modules of their own (xla_spmd,
+xla_scan, xla_attention, pallas).
 """
 
 from __future__ import annotations
@@ -144,7 +149,7 @@ from clm.sharding import (
 class XlaBackend(Backend):
     name = "xla"
     async_steps = True
-    places_weights = True
+    async_saves_by_default = True  # a save's write is long next to a step
 
     def __init__(
         self,
@@ -154,6 +159,7 @@ class XlaBackend(Backend):
         attention: str = "auto",
         scan_layers: bool = False,
         compile_cache_dir: str | None = None,
+        recompile_policy: str = "warn",
         profile_step: int = -1,
         profile_dir: str | None = None,
         collective_timeout: datetime.timedelta | None = None,
@@ -175,6 +181,7 @@ class XlaBackend(Backend):
         )
         self._use_mesh(_build_mesh(shape, int(num_slices)), shape, int(num_slices), attention)
         self.scan_layers = bool(scan_layers)
+        self.recompile_policy = recompile_policy  # xla_recompile
         # one process per host: process 0 writes the run's files
         self.process_count = xr.process_count()
         self.rank = xr.process_index()
@@ -183,7 +190,7 @@ class XlaBackend(Backend):
         self._local_ids = [
             int(d.split(":")[-1]) for d in torch_xla._XLAC._xla_get_runtime_devices()
         ]
-        # Weights are made a piece at a time by the CPU generator (`places_weights`), then
+        # Weights are made a piece at a time by the CPU generator (`build_model`), then
         # moved: the same seed gives the same model as backend=cpu (XLA's RNG draws other
         # numbers), and no host holds more than one decoder layer of it.
         self.init_device = torch.device("cpu")
@@ -237,6 +244,15 @@ class XlaBackend(Backend):
             dist.destroy_process_group()
             self.process_group = None
 
+    def build_model(self, spec, seed: int) -> torch.nn.Module:
+        """Made a piece at a time on the host, each tensor `place`d (sharded) as soon as it
+        exists, so no host holds the whole model; from a checkpoint each host reads only its
+        devices' box of each tensor (`region`). Then `wrap_model`."""
+        from clm import model as model_lib
+
+        model = model_lib.build_model(spec, self.init_device, seed, self.place, self.region)
+        return self.wrap_model(model)
+
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from clm import model as model_lib
         from clm import moe
@@ -281,7 +297,7 @@ class XlaBackend(Backend):
 
     def _use_flash_attention(self, model: torch.nn.Module) -> None:
         """xla_attention: the Pallas kernel per shard (rows on BATCH_AXES, heads on "tensor")."""
-        from clm import attention
+        from clm.backends import xla_attention as attention
 
         xs.set_global_mesh(self.mesh)  # the kernel's shard_map looks the mesh up here
         try:

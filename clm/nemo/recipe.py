@@ -40,6 +40,9 @@ How our semantics map, and where they differ:
   iterator. Megatron-Bridge 0.3.0 has no separate eval batch size, so an eval covers the set
   approximately, not each sequence exactly once as `clm.trainer` does; the loss is still the
   token mean over the evaluated batches.
+
+Why this module is long: one translation table, our config and spec to Megatron-Bridge's
+settings, as plain data; long because the settings are many.
 """
 
 from __future__ import annotations
