@@ -355,6 +355,53 @@ def redacted(node):
     return node
 
 
+def runs_on_xla(cfg: DictConfig) -> bool:
+    """backend=xla, or backend=auto with PJRT_DEVICE=TPU (clm.backends.select_backend's rule)."""
+    return cfg.backend == "xla" or (
+        cfg.backend == "auto" and os.environ.get("PJRT_DEVICE") == "TPU"
+    )
+
+
+def under_torchrun() -> bool:
+    """Several processes, one per device (torchrun, or RANK/WORLD_SIZE set by hand)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+# Keys that only the NeMo path (clm.nemo.launch: Megatron) implements.
+NEMO_ONLY = ("pipeline_parallelism", "virtual_pipeline_parallelism", "context_parallelism")
+
+
+def refuse_unimplemented(cfg: DictConfig, on_xla: bool, torchrun: bool) -> None:
+    """A parallelism run_clm.py would accept and not run is a ConfigError before any work: the
+    MLPerf log records what ran, so a key must not claim what did not. XLA runs tensor and
+    expert parallelism, torchrun (FSDP2) expert parallelism, one process neither."""
+    for key in NEMO_ONLY:
+        value = cfg.get(key)
+        if value is not None and int(value) > 1:
+            raise ConfigError(
+                f"{key}={value}: not implemented by run_clm.py's backends (cpu, cuda, torchrun "
+                "FSDP2, xla); the NeMo path runs it (python -m clm.nemo.launch); use 1 here"
+            )
+    if on_xla:
+        return
+    tensor, expert = int(cfg.get("tensor_parallelism", 1)), int(cfg.get("expert_parallelism", 1))
+    if torchrun and tensor > 1:
+        raise ConfigError(
+            f"tensor_parallelism={tensor}: not supported by the torchrun (FSDP2) backend; use 1 "
+            "(expert_parallelism and data parallelism are), or backend=xla"
+        )
+    if not torchrun:
+        for key, value, where in (
+            ("tensor_parallelism", tensor, "backend=xla"),
+            ("expert_parallelism", expert, "backend=xla, or torchrun with FSDP2"),
+        ):
+            if value > 1:
+                raise ConfigError(
+                    f"{key}={value}: backend={cfg.backend} in one process trains on one "
+                    f"device; {key.split('_')[0]} parallelism runs on {where}"
+                )
+
+
 def warmup_steps(sched: DictConfig) -> int:
     """NeMo's rule: warmup_steps wins, else int(warmup_ratio * max_steps), else 0."""
     if sched.get("warmup_steps") is not None:

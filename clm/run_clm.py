@@ -71,6 +71,8 @@ def main() -> None:
                 if not args.cfg:  # a run: its device-free checks too, before torch is imported
                     config_lib.validate(cfg)
                     load_spec(cfg.model, cfg.max_length)  # the model JSON and model.* keys
+                    on_xla, torchrun = config_lib.runs_on_xla(cfg), config_lib.under_torchrun()
+                    config_lib.refuse_unimplemented(cfg, on_xla, torchrun)  # parallelism
             except USER_ERRORS as e:
                 _exit(f"error: {e}", 2)
         _train()

@@ -13,7 +13,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from clm import config as config_lib
-from clm.backends import refuse_unimplemented
 from clm.spec import load_spec
 
 SEED_TPU_COMMAND = (
@@ -143,7 +142,7 @@ def test_every_preset_composes_to_its_values_and_validates(name):
     if name == "gbs256_gpu":  # the parallelism only the NeMo path runs: refused by run_clm.py
         assert leaves["pipeline_parallelism"] == 4
         with pytest.raises(config_lib.ConfigError, match="pipeline_parallelism=4: not impl"):
-            refuse_unimplemented(cfg, on_xla=False, torchrun=True)
+            config_lib.refuse_unimplemented(cfg, on_xla=False, torchrun=True)
     assert config_lib.resolve_config_file(cfg.model.config_path).is_file()
     OmegaConf.to_container(cfg, resolve=True)
 

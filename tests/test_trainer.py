@@ -231,7 +231,7 @@ def trainer_as_run_builds_it(output_dir, *overrides):
     eval_set = build_eval_set(cfg, tokenizer)
     train_stream = build_train_stream(cfg, tokenizer)
     spec = load_spec(cfg.model, cfg.max_length)
-    model = backend.wrap_model(model_lib.build_model(spec, backend.init_device, cfg.seed))
+    model = backend.build_model(spec, cfg.seed)
     adamw = backend.optimizer_class(cfg.optimizer)
     optimizer = optim.build_optimizer(model, cfg, backend.device, adamw)
     metrics = MetricsWriter(run_dir, purge_step=resume_step + 1 if resume_from else None)

@@ -276,16 +276,11 @@ SHARDING_SCRIPT = textwrap.dedent("""
     import torch_xla
     from clm.backends.xla_backend import XlaBackend, mesh_shape
     from clm.config import ConfigError
-    from clm.model import build_model
     from conftest import model_spec
 
     tp, ep = int(sys.argv[1]), int(sys.argv[2])
     backend = XlaBackend(tp, ep)
-    model = backend.wrap_model(
-        build_model(
-            model_spec(config_path="mixtral_small.json"), backend.init_device, 0, backend.place
-        )
-    )
+    model = backend.build_model(model_spec(config_path="mixtral_small.json"), 0)
     specs = {
         name: torch_xla._XLAC._get_xla_sharding_spec(param)
         for name, param in model.named_parameters()
@@ -305,12 +300,10 @@ PRETRAINED_SCRIPT = textwrap.dedent("""
     import torch, torch_xla
     from transformers import AutoModelForCausalLM
     from clm.backends.xla_backend import XlaBackend
-    from clm.model import build_model
     from conftest import model_spec
 
     backend = XlaBackend(tensor_parallelism=2)
-    cfg = model_spec(name_or_path=sys.argv[1])
-    model = backend.wrap_model(build_model(cfg, backend.init_device, 0, backend.place))
+    model = backend.build_model(model_spec(name_or_path=sys.argv[1]), 0)
     reference = AutoModelForCausalLM.from_pretrained(sys.argv[1]).state_dict()
     mine = model.state_dict()
     print(json.dumps({
@@ -757,15 +750,12 @@ SPMD_CHECKPOINT_SCRIPT = textwrap.dedent("""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from clm import checkpoint
     from clm.backends.xla_backend import XlaBackend
-    from clm.model import build_model
     from conftest import model_spec
 
     backend = XlaBackend(1, 1)
 
     def build(seed):
-        model = backend.wrap_model(
-            build_model(model_spec(config_path="mixtral_small.json"), backend.init_device, seed)
-        )
+        model = backend.build_model(model_spec(config_path="mixtral_small.json"), seed)
         return model, adamw(model.parameters(), lr=1e-2)
 
     batch = backend.to_device({"input_ids": torch.arange(8 * 16).reshape(8, 16) % 1000})

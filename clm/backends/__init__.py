@@ -14,6 +14,7 @@ import os
 import torch
 from omegaconf import DictConfig
 
+from clm import config as config_lib
 from clm.config import ConfigError
 from clm.spec import ModelSpec
 
@@ -172,49 +173,11 @@ def select_backend(cfg: DictConfig) -> Backend:
     return backend
 
 
-# Keys that only the NeMo path (clm.nemo.launch: Megatron) implements.
-NEMO_ONLY = ("pipeline_parallelism", "virtual_pipeline_parallelism", "context_parallelism")
-
-
-def refuse_unimplemented(cfg: DictConfig, on_xla: bool, torchrun: bool) -> None:
-    """A parallelism run_clm.py would accept and not run is a ConfigError before any work: the
-    MLPerf log records what ran, so a key must not claim what did not. XLA runs tensor and
-    expert parallelism, torchrun (FSDP2) expert parallelism, one process neither."""
-    for key in NEMO_ONLY:
-        value = cfg.get(key)
-        if value is not None and int(value) > 1:
-            raise ConfigError(
-                f"{key}={value}: not implemented by run_clm.py's backends (cpu, cuda, torchrun "
-                "FSDP2, xla); the NeMo path runs it (python -m clm.nemo.launch); use 1 here"
-            )
-    if on_xla:
-        return
-    tensor, expert = int(cfg.get("tensor_parallelism", 1)), int(cfg.get("expert_parallelism", 1))
-    if torchrun and tensor > 1:
-        raise ConfigError(
-            f"tensor_parallelism={tensor}: not supported by the torchrun (FSDP2) backend; use 1 "
-            "(expert_parallelism and data parallelism are), or backend=xla"
-        )
-    if not torchrun:
-        for key, value, where in (
-            ("tensor_parallelism", tensor, "backend=xla"),
-            ("expert_parallelism", expert, "backend=xla, or torchrun with FSDP2"),
-        ):
-            if value > 1:
-                raise ConfigError(
-                    f"{key}={value}: backend={cfg.backend} in one process trains on one "
-                    f"device; {key.split('_')[0]} parallelism runs on {where}"
-                )
-
-
 def _select(cfg: DictConfig) -> Backend:
     from clm.backends.torch_backend import TorchBackend
 
-    on_xla = cfg.backend == "xla" or (
-        cfg.backend == "auto" and os.environ.get("PJRT_DEVICE") == "TPU"
-    )
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    refuse_unimplemented(cfg, on_xla, torchrun)
+    on_xla, torchrun = config_lib.runs_on_xla(cfg), config_lib.under_torchrun()
+    config_lib.refuse_unimplemented(cfg, on_xla, torchrun)
     if on_xla:
         return _xla_backend(cfg)
     if int(cfg.get("num_slices", 1)) > 1:
