@@ -54,6 +54,16 @@ def _exit(line: str, code: int) -> None:
     sys.exit(code)
 
 
+def preflight(cfg: DictConfig) -> None:
+    """A run's checks that need no device and no torch (ConfigError, a ValueError, on the first
+    problem): the keys' values, the model JSON and `model.*` keys, and parallelism that no
+    backend of run_clm.py runs."""
+    config_lib.validate(cfg)
+    load_spec(cfg.model, cfg.max_length)
+    on_xla, torchrun = config_lib.runs_on_xla(cfg), config_lib.under_torchrun()
+    config_lib.refuse_unimplemented(cfg, on_xla, torchrun)
+
+
 def main() -> None:
     """Check the overrides as a run composes and validates them (one line and exit 2 on any
     error, in a second rather than after importing torch), then hand the command line to Hydra,
@@ -69,10 +79,7 @@ def main() -> None:
             try:
                 cfg = config_lib.compose(args.overrides)
                 if not args.cfg:  # a run: its device-free checks too, before torch is imported
-                    config_lib.validate(cfg)
-                    load_spec(cfg.model, cfg.max_length)  # the model JSON and model.* keys
-                    on_xla, torchrun = config_lib.runs_on_xla(cfg), config_lib.under_torchrun()
-                    config_lib.refuse_unimplemented(cfg, on_xla, torchrun)  # parallelism
+                    preflight(cfg)
             except USER_ERRORS as e:
                 _exit(f"error: {e}", 2)
         _train()

@@ -258,12 +258,27 @@ def test_unknown_key_is_rejected_on_the_command_line(tmp_path):
         (["lr=["], "lr=[: not a valid override (no viable alternative at input '[')"),
     ],
 )
-def test_config_errors_are_one_line_naming_the_key(tmp_path, argv, line):
-    """`python clm/run_clm.py <bad override>`: exit 2, one line, nothing written."""
-    proc = run_python(tmp_path, str(RUN_CLM), *argv, f"output_dir={tmp_path / 'runs'}")
-    assert proc.returncode == 2, proc.stderr
-    [got] = proc.stderr.splitlines()
-    assert got.startswith(f"error: {line}"), got
+def test_config_errors_are_one_line_naming_the_key(argv, line):
+    """What `python clm/run_clm.py <bad override>` checks before torch is imported (compose, then
+    `run_clm.preflight`): one ConfigError line naming the override. In process; the command's
+    exit 2 and its one stderr line are the next test's."""
+    from clm.run_clm import preflight
+
+    with pytest.raises(config_lib.ConfigError) as error:
+        preflight(config_lib.compose([*argv, "output_dir=/nonexistent/runs"]))
+    message = str(error.value)
+    assert message.startswith(line) and "\n" not in message, message
+
+
+def test_a_bad_override_on_the_command_line_is_exit_2_one_line_and_nothing_written(tmp_path):
+    for argv, line in (
+        (["max_length=abc"], "error: max_length=abc: must be an integer"),
+        (["+experiment=gbs256_tpuu"], "error: +experiment=gbs256_tpuu: experiment has no option"),
+    ):
+        proc = run_python(tmp_path, str(RUN_CLM), *argv, f"output_dir={tmp_path / 'runs'}")
+        assert proc.returncode == 2, proc.stderr
+        [got] = proc.stderr.splitlines()
+        assert got.startswith(line), got
     assert not (tmp_path / "runs").exists()
 
 

@@ -134,11 +134,17 @@ def test_bad_input_fails_in_one_line_and_keeps_previous_run(tmp_path):
     assert hub_only.stderr.strip().splitlines() == [NOT_CACHED.format("gpt2")]
     assert not (tmp_path / "runs" / "hub").exists()  # refused before anything was written
 
-    missing = run_clm(tmp_path, "exp_name=other", f"dataset.eval_dataset_path={tmp_path}")
-    assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [
-        f"error: {tmp_path}/c4-validation_24567exp.json: missing data file (also looked for .gz)"
-    ]
+    # in process: a data error is a ValueError, which run_clm prints as one line with exit 2
+    from clm import config as config_lib
+    from clm.trainer import run
+
+    missing = [f"output_dir={tmp_path / 'runs'}", "exp_name=other"]
+    missing.append(f"dataset.eval_dataset_path={tmp_path}")
+    with pytest.raises(ValueError) as error:
+        run(config_lib.compose(missing))
+    assert str(error.value) == (
+        f"{tmp_path}/c4-validation_24567exp.json: missing data file (also looked for .gz)"
+    )
 
 
 @pytest.mark.parametrize(
