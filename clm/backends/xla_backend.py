@@ -144,6 +144,7 @@ from clm.sharding import (
     partition_spec,
     slices_are_outermost,
 )
+from clm.spec import ModelSpec
 
 
 class XlaBackend(Backend):
@@ -244,7 +245,7 @@ class XlaBackend(Backend):
             dist.destroy_process_group()
             self.process_group = None
 
-    def build_model(self, spec, seed: int) -> torch.nn.Module:
+    def build_model(self, spec: ModelSpec, seed: int) -> torch.nn.Module:
         """Made a piece at a time on the host, each tensor `place`d (sharded) as soon as it
         exists, so no host holds the whole model; from a checkpoint each host reads only its
         devices' box of each tensor (`region`). Then `wrap_model`."""
